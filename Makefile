@@ -1,0 +1,20 @@
+# The two commands of the README: `make demo` and `make test`. Both create the environment
+# first (uv, from uv.lock; a no-op in about a second once it exists).
+SHELL := /bin/bash
+UV_VERSION := 0.13.9
+UV := python3 -m uv
+
+.PHONY: setup demo test bench
+
+setup:
+	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
+	$(UV) sync --frozen
+
+demo: setup
+	$(UV) run --frozen dvc repro
+
+test: setup
+	$(UV) run --frozen pytest
+
+bench: setup
+	$(UV) run --frozen python benchmarks/run.py

@@ -1,0 +1,3 @@
+from hemaflow.cli import app
+
+app(prog_name="hemaflow")

@@ -1,0 +1,204 @@
+"""The ``hemaflow`` command line: one command per DVC stage, plus data utilities.
+
+Commands parse arguments, load params and call one stage function; errors the user can fix are
+printed as one line (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from hemaflow import __version__
+from hemaflow.errors import HemaflowError
+from hemaflow.params import DatasetFormat, Params, load_params, parse_params
+
+app = typer.Typer(
+    help="Reproducible white-blood-cell detection, stain translation and classification.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Bring datasets in and inspect the prepared data.", no_args_is_help=True)
+params_app = typer.Typer(help="Check params.yaml and turn a profile into `dvc exp run -S` overrides.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(params_app, name="params")
+
+_state = {"debug": False}
+ParamsOption = Annotated[Path, typer.Option("--params", help="The params file to read.")]
+KNOWN_SCALE = {DatasetFormat.acevedo20: 10.0, DatasetFormat.matek19: 13.8}  # px/um, as published
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    try:
+        yield
+    except HemaflowError as exc:
+        if _state["debug"]:
+            raise
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+
+
+def _load(path: Path) -> Params:
+    with _user_errors():
+        return load_params(path)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"hemaflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """hemaflow: every result rebuilt by `dvc repro` from versioned data."""
+    _state["debug"] = debug
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Option(help="Folder to write the demo datasets to (replaced).")] = Path("data/demo"),
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Generate the synthetic demo datasets (stage `demo_data`).
+
+    Three stain domains (two labelled sources like Acevedo_20 and Matek_19, one target like
+    WBC1) in the real datasets' native layouts, deterministic for given params.
+    """
+    from hemaflow.data.demo import generate_demo
+
+    params = _load(params_file)
+    with _user_errors():
+        generate_demo(params.demo_data, params.base.seed, out)
+    typer.echo(f"demo datasets written to {out}")
+
+
+@app.command("prepare")
+def prepare(
+    out: Annotated[Path, typer.Option(help="Folder for the unified dataset (replaced).")] = Path("data/prepared"),
+    metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")] = Path("metrics/data.json"),
+    plots: Annotated[Path, typer.Option(help="Folder for plot data and images.")] = Path("plots/data"),
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Ingest, validate and repair, unify classes, normalise scale and split (stage `prepare`).
+
+    Reads the datasets listed under `prepare.datasets` in their native layouts and writes the
+    cell index, scale-normalised crops, detector fields with COCO json, and every finding.
+    """
+    from hemaflow.data.prepare import prepare as run_prepare
+    from hemaflow.data.report import format_report
+
+    params = _load(params_file)
+    with _user_errors():
+        run_prepare(params.prepare, params.base.seed, out, metrics, plots)
+    typer.echo(format_report(out, limit=10))
+
+
+@data_app.command("report")
+def data_report(
+    prepared: Annotated[Path, typer.Option(help="The prepared folder to summarise.")] = Path("data/prepared"),
+    limit: Annotated[int, typer.Option(help="Rejected rows to list (all are in findings.csv).")] = 50,
+) -> None:
+    """Counts per class x domain x split, classes a domain lacks, and every rejected file or row."""
+    from hemaflow.data.report import format_report
+
+    with _user_errors():
+        if not (prepared / "cells.csv").exists():
+            raise HemaflowError(f"{prepared}: no cells.csv; run `dvc repro prepare` first")
+        typer.echo(format_report(prepared, limit))
+
+
+@data_app.command("import")
+def data_import(
+    fmt: Annotated[DatasetFormat, typer.Argument(metavar="FORMAT", help="Native layout of SRC.")],
+    src: Annotated[Path, typer.Argument(help="The dataset folder, in its native layout.")],
+    name: Annotated[str, typer.Option(help="Name under data/raw/ and in params.yaml.")],
+    px_per_um: Annotated[
+        float | None,
+        typer.Option(help="Pixels per micrometre; required unless the format publishes it (acevedo20 10, matek19 13.8)."),
+    ] = None,
+    raw_dir: Annotated[Path, typer.Option(help="Where raw datasets live (versioned by data.dvc).")] = Path("data/raw"),
+) -> None:
+    """Check a dataset's layout, copy it into data/raw/NAME, and print its params.yaml entry.
+
+    Then version it with `dvc commit -f data.dvc` (data.dvc tracks data/raw) and add the
+    printed entry to `prepare.datasets` with `prepare.root: data/raw`.
+    """
+    from tqdm import tqdm
+
+    from hemaflow._io import atomic_dir
+    from hemaflow.data.formats import read_dataset
+
+    with _user_errors():
+        scale = px_per_um or KNOWN_SCALE.get(fmt)
+        if scale is None:
+            raise HemaflowError(f"format {fmt.value} carries no calibration: pass --px-per-um (pixels per micrometre)")
+        try:
+            result = read_dataset(fmt, src)
+        except (FileNotFoundError, ValueError) as exc:
+            raise HemaflowError(str(exc)) from None
+        files = [p for p in sorted(src.rglob("*")) if p.is_file()]
+        with atomic_dir(raw_dir / name) as staging:
+            for path in tqdm(files, desc=f"import {name}", unit="file"):
+                target = staging / path.relative_to(src)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+        entry = {"name": name, "format": fmt.value, "path": name, "role": "source", "px_per_um": scale}
+        typer.echo(
+            f"{name}: {len(result.annotations)} cells, {len(result.background_images)} background images, "
+            f"{sum(f.action == 'rejected' for f in result.findings)} rows rejected so far -> {raw_dir / name}\n"
+            "Add to prepare.datasets in params.yaml (role: source, target or test):\n"
+            + yaml.safe_dump([entry], sort_keys=False)
+        )
+
+
+@params_app.command("check")
+def params_check(params_file: ParamsOption = Path("params.yaml")) -> None:
+    """Validate params.yaml against the schema."""
+    _load(params_file)
+    typer.echo(f"{params_file}: valid")
+
+
+def _flatten(prefix: str, value: object) -> Iterator[tuple[str, object]]:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _flatten(f"{prefix}.{key}" if prefix else str(key), inner)
+    else:
+        yield prefix, value
+
+
+def _merge(base: dict, overlay: dict) -> dict:
+    merged = dict(base)
+    for key, value in overlay.items():
+        merged[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+@params_app.command("overrides")
+def params_overrides(
+    profile: Annotated[Path, typer.Argument(help="A partial params file, e.g. profiles/gpu.yaml.")],
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Print a profile as `-S key=value` arguments for `dvc exp run`, after validating the result.
+
+    Example: dvc exp run $(hemaflow params overrides profiles/gpu.yaml)
+    """
+    with _user_errors():
+        overlay = yaml.safe_load(profile.read_text()) or {}
+        base = yaml.safe_load(params_file.read_text())
+        parse_params(_merge(base, overlay), f"{params_file} + {profile}")
+    pairs = [f"-S '{key}={yaml.safe_dump(value, default_flow_style=True).strip()}'" for key, value in _flatten("", overlay)]
+    typer.echo(" ".join(p.replace("\n...", "") for p in pairs))

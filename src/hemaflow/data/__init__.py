@@ -1,0 +1,1 @@
+"""The data stage: demo generator, native-format readers, validation, class matrix, scale, folds, prepare."""

@@ -1,0 +1,100 @@
+"""Readers of the native dataset layouts.
+
+A reader parses a dataset's own annotation files (folders, CSV, VOC XML, COCO json) into
+:class:`Annotation` rows and :class:`Finding` rows; it never decodes images (``prepare`` does,
+in parallel). Every row a reader cannot use becomes a rejected finding with the file, row and reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from hemaflow.params import DatasetFormat
+
+__all__ = ["IMAGE_SUFFIXES", "Annotation", "ReadResult", "Finding", "list_images", "parse_box", "read_dataset", "safe_image_name"]
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One cell as the dataset states it."""
+
+    image: str  # posix path relative to the dataset root
+    box: Box | None  # x1, y1, x2, y2 in image pixels; None: a single-cell image (the cell is centred)
+    label: str | None  # the native label; None: unlabelled
+    row: str  # where it was read, for messages: "labels.csv:12", "basophil/BA_1.jpg"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something done to the input that a user must be able to see: nothing is changed silently."""
+
+    file: str
+    row: str
+    action: str  # rejected | repaired | clipped | converted | unlabelled
+    reason: str  # short code, counted in metrics/data.json
+    detail: str
+
+
+@dataclass
+class ReadResult:
+    vocabulary: str | None  # the classes.yaml source vocabulary of the labels (None: unlabelled)
+    annotations: list[Annotation] = field(default_factory=list)
+    background_images: list[str] = field(default_factory=list)  # fields known to hold no white cell
+    findings: list[Finding] = field(default_factory=list)
+
+    def reject(self, file: str, row: str, reason: str, detail: str) -> None:
+        self.findings.append(Finding(file, row, "rejected", reason, detail))
+
+
+def safe_image_name(name: str) -> str | None:
+    """A dataset-relative posix path, or None when the name could escape the dataset folder."""
+    name = name.strip().replace("\\", "/")
+    path = PurePosixPath(name)
+    if not name or path.is_absolute() or ".." in path.parts or ":" in path.parts[0]:
+        return None
+    return path.as_posix()
+
+
+def parse_box(x1: object, y1: object, x2: object, y2: object) -> Box:
+    """Corner coordinates as floats; ValueError for a missing, non-numeric or empty box."""
+    try:
+        box = tuple(float(v) for v in (x1, y1, x2, y2))
+    except (TypeError, ValueError):
+        raise ValueError(f"non-numeric box {(x1, y1, x2, y2)}") from None
+    if any(v != v for v in box):  # NaN
+        raise ValueError(f"box has a missing coordinate {box}")
+    if box[0] >= box[2] or box[1] >= box[3]:
+        raise ValueError(f"empty box: needs x1 < x2 and y1 < y2, got {box}")
+    return box  # type: ignore[return-value]
+
+
+def list_images(root: Path) -> list[str]:
+    return sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+
+
+def read_dataset(fmt: DatasetFormat, root: Path, subset: str | None = None) -> ReadResult:
+    """Read a dataset's annotations in its native layout; raise FileNotFoundError/ValueError on a wrong layout."""
+    from hemaflow.data.formats import bccd, coco, cytologia, folders, segmentation_wbc
+
+    readers: dict[DatasetFormat, Callable[..., ReadResult]] = {
+        DatasetFormat.acevedo20: folders.read_acevedo20,
+        DatasetFormat.matek19: folders.read_matek19,
+        DatasetFormat.hematologist: folders.read_hematologist,
+        DatasetFormat.unlabelled: folders.read_unlabelled,
+        DatasetFormat.cytologia: cytologia.read,
+        DatasetFormat.bccd: bccd.read,
+        DatasetFormat.coco: coco.read,
+        DatasetFormat.segmentation_wbc: segmentation_wbc.read,
+    }
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset folder not found")
+    if subset is not None and fmt is not DatasetFormat.bccd:
+        raise ValueError(f"{root}: 'subset' (an official split file) applies to the bccd format only")
+    return readers[fmt](root, subset) if fmt is DatasetFormat.bccd else readers[fmt](root)

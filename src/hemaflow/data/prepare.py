@@ -1,0 +1,307 @@
+"""The ``prepare`` stage: ingest, validate and repair, unify classes, normalise scale, split.
+
+Outputs (under ``out``, replaced atomically):
+
+- ``cells.csv``: one row per cell: ``cell_id, image, x1, y1, x2, y2, fine_class, coarse_class,
+  source_label, dataset, domain, role, fold, split, px_per_um, crop`` (boxes in original-image
+  pixels, empty for single-cell images whose cell is centred; ``crop`` relative to ``out``)
+- ``images.csv``: one row per accepted image, with its size, split and (for smear fields) the
+  rescaled field used by the detector
+- ``crops/<cell_id>.png``: the cell at ``crop.fov_um`` resampled to ``crop.pixels``
+- ``fields/<dataset>/*.png`` + ``coco/{train,val,test,target}.json``: smear fields at
+  ``fields.px_per_um``, single category ``wbc``
+- ``findings.csv``: every rejected, repaired, clipped, converted or unlabelled file or row
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from hemaflow._io import atomic_dir, write_csv
+from hemaflow.data.classes import ClassMatrix, load_class_matrix
+from hemaflow.data.folds import assign_folds
+from hemaflow.data.formats import Annotation, Box, Finding, read_dataset
+from hemaflow.data.images import ImageRejected, load_rgb
+from hemaflow.data.report import write_data_metrics
+from hemaflow.data.scale import clip_box, crop_cell, rescale, rescale_box
+from hemaflow.errors import HemaflowError
+from hemaflow.params import DatasetParams, PrepareParams, Role
+
+__all__ = ["CELL_COLUMNS", "prepare"]
+
+CELL_COLUMNS = [
+    "cell_id", "image", "x1", "y1", "x2", "y2", "fine_class", "coarse_class", "source_label",
+    "dataset", "domain", "role", "fold", "split", "px_per_um", "crop",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Cell:
+    box: Box | None
+    label: str | None
+    fine: str | None
+    row: str
+
+
+@dataclass(frozen=True)
+class _ImageJob:
+    dataset: DatasetParams
+    path: Path  # where to read it
+    image: str  # as written to cells.csv: the path as given under prepare.root
+    index: int  # position within its dataset: part of the cell ids
+    cells: tuple[_Cell, ...]
+    is_field: bool  # a smear field (boxes) rather than a single-cell image
+
+
+def _fine_class(dataset: DatasetParams, vocabulary: dict[str, str | None], label: str) -> tuple[bool, str | None]:
+    """(known, fine class or None when deliberately dropped)."""
+    if label in dataset.label_map:
+        return True, dataset.label_map[label]
+    if label in vocabulary:
+        return True, vocabulary[label]
+    return False, None
+
+
+def _collect_jobs(params: PrepareParams, matrix: ClassMatrix) -> tuple[list[_ImageJob], list[Finding]]:
+    root = Path(params.root)
+    jobs: list[_ImageJob] = []
+    findings: list[Finding] = []
+    unknown: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for dataset in params.datasets:
+        for label, fine in dataset.label_map.items():
+            if fine is not None and fine not in matrix.coarse_of:
+                raise HemaflowError(
+                    f"params: prepare.datasets[{dataset.name}].label_map.{label} = {fine!r} is not a fine class; "
+                    f"known: {', '.join(matrix.fine_classes)}"
+                )
+        try:
+            result = read_dataset(dataset.format, root / dataset.path, dataset.subset)
+        except (FileNotFoundError, ValueError) as exc:
+            raise HemaflowError(f"dataset {dataset.name!r} ({dataset.format.value}): {exc}") from None
+        vocabulary = matrix.vocabulary(result.vocabulary) if result.vocabulary else {}
+        findings += [_prefixed(f, dataset) for f in result.findings]
+        by_image: dict[str, list[_Cell]] = defaultdict(list)
+        for ann in result.annotations:
+            by_image.setdefault(ann.image, [])
+            cell = _map_label(ann, dataset, vocabulary, unknown, findings)
+            if cell is not None:
+                by_image[ann.image].append(cell)
+        for name in result.background_images:
+            by_image.setdefault(name, [])
+        is_field = any(a.box is not None for a in result.annotations) or bool(result.background_images)
+        for index, name in enumerate(sorted(by_image)):
+            image = (Path(params.root) / dataset.path / name).as_posix()
+            jobs.append(_ImageJob(dataset, root / dataset.path / name, image, index, tuple(by_image[name]), is_field))
+    if unknown:
+        lines = [
+            f"{dataset}: {label!r} ({len(rows)} rows, first {rows[0]})" for (dataset, label), rows in sorted(unknown.items())
+        ]
+        raise HemaflowError(
+            "unknown class labels: " + "; ".join(lines) + ". Map them in the dataset's label_map in params.yaml "
+            "(a fine class, or null to drop) or in src/hemaflow/data/classes.yaml. "
+            f"Known fine classes: {', '.join(matrix.fine_classes)}"
+        )
+    return jobs, findings
+
+
+def _prefixed(finding: Finding, dataset: DatasetParams) -> Finding:
+    return Finding(f"{dataset.name}/{finding.file}", finding.row, finding.action, finding.reason, finding.detail)
+
+
+def _map_label(
+    ann: Annotation,
+    dataset: DatasetParams,
+    vocabulary: dict[str, str | None],
+    unknown: dict[tuple[str, str], list[str]],
+    findings: list[Finding],
+) -> _Cell | None:
+    if ann.label is None:
+        return _Cell(ann.box, None, None, ann.row)
+    known, fine = _fine_class(dataset, vocabulary, ann.label)
+    if not known:
+        unknown[(dataset.name, ann.label)].append(f"{dataset.name}/{ann.row}")
+        return None
+    if fine is None:
+        findings.append(
+            Finding(f"{dataset.name}/{ann.image}", ann.row, "rejected", "dropped_label", f"label {ann.label!r} maps to null")
+        )
+        return None
+    return _Cell(ann.box, ann.label, fine, ann.row)
+
+
+def _field_name(job: _ImageJob) -> str:
+    stem = job.image.split(f"{job.dataset.path}/", 1)[-1].rsplit(".", 1)[0].replace("/", "__")
+    return f"fields/{job.dataset.name}/{stem}.png"
+
+
+def _process(job: _ImageJob, params: PrepareParams, out: Path) -> tuple[dict | None, list[dict], list[Finding]]:
+    """Decode, repair, validate boxes, write crops (and the rescaled field) for one image."""
+    where = f"{job.dataset.name}/{job.image.split(f'{job.dataset.path}/', 1)[-1]}"
+    findings: list[Finding] = []
+    try:
+        rgb, converted, repaired = load_rgb(job.path, params.max_pixels)
+    except ImageRejected as exc:
+        lost = f"; {len(job.cells)} cell(s) dropped" if job.cells else ""
+        return None, [], [Finding(where, where, "rejected", exc.reason, f"{exc}{lost}")]
+    if converted:
+        findings.append(Finding(where, where, "converted", "converted_to_rgb8", converted))
+    if repaired:
+        findings.append(Finding(where, where, "repaired", "truncated_or_corrupt", repaired))
+    height, width = rgb.shape[:2]
+    ppu = job.dataset.px_per_um
+    cells = []
+    for k, cell in enumerate(job.cells):
+        box = cell.box
+        if box is not None:
+            try:
+                box, clipped = clip_box(box, width, height, params.box_tolerance_px)
+            except ValueError as exc:
+                findings.append(Finding(where, cell.row, "rejected", "box_outside_image", str(exc)))
+                continue
+            if clipped:
+                findings.append(Finding(where, cell.row, "clipped", "box_outside_image", f"{cell.box} -> {box}"))
+        crop, grown = crop_cell(rgb, box, ppu, params.crop.fov_um, params.crop.pixels, params.crop.margin_px)
+        cell_id = f"{job.dataset.name}-{job.index:06d}-{k}"
+        Image.fromarray(crop).save(out / "crops" / f"{cell_id}.png")
+        if grown:
+            findings.append(Finding(where, cell.row, "converted", "large_cell", "field of view enlarged to fit the box"))
+        cells.append({"cell_id": cell_id, "box": box, "cell": cell})
+    image_row = {"width": width, "height": height, "field": ""}
+    if job.is_field and len(cells) < len(job.cells):
+        # A field with an unusable box would teach the detector that a cell is background.
+        detail = "field kept out of the detector's data: it holds a cell whose box was rejected"
+        findings.append(Finding(where, where, "rejected", "field_with_rejected_box", detail))
+    elif job.is_field:
+        factor = params.fields.px_per_um / ppu
+        image_row["field"] = _field_name(job)
+        Image.fromarray(rescale(rgb, factor)).save(out / image_row["field"])
+    return image_row, cells, findings
+
+
+def _run(jobs: list[_ImageJob], params: PrepareParams, out: Path) -> Iterator[tuple]:
+    for dataset in {job.dataset.name for job in jobs if job.is_field}:
+        (out / "fields" / dataset).mkdir(parents=True, exist_ok=True)
+    (out / "crops").mkdir(parents=True, exist_ok=True)
+    arguments = [(job, params, out) for job in jobs]
+    progress = dict(total=len(jobs), desc="prepare", unit="image")
+    if params.workers == 0:
+        yield from tqdm((_process(*a) for a in arguments), **progress)
+        return
+    with multiprocessing.get_context("fork").Pool(params.workers) as pool:
+        yield from tqdm(pool.imap(_star_process, arguments, chunksize=8), **progress)
+
+
+def _star_process(arguments: tuple) -> tuple:
+    return _process(*arguments)
+
+
+def _coco(images: pd.DataFrame, cells: pd.DataFrame, factor_of: dict[str, float]) -> dict:
+    coco_images, annotations = [], []
+    boxes_by_image = cells.groupby("image")
+    for image_id, row in enumerate(images.itertuples(), start=1):
+        factor = factor_of[row.dataset]
+        coco_images.append(
+            {
+                "id": image_id,
+                "file_name": row.field,
+                "width": max(round(row.width * factor), 1),
+                "height": max(round(row.height * factor), 1),
+            }
+        )
+        if row.image not in boxes_by_image.groups:
+            continue  # a background field: no white cell
+        for cell in boxes_by_image.get_group(row.image).itertuples():
+            x1, y1, x2, y2 = rescale_box((cell.x1, cell.y1, cell.x2, cell.y2), factor)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                    "area": round((x2 - x1) * (y2 - y1), 2),
+                    "iscrowd": 0,
+                }
+            )
+    return {"images": coco_images, "annotations": annotations, "categories": [{"id": 1, "name": "wbc"}]}
+
+
+def prepare(params: PrepareParams, seed: int, out: Path, metrics: Path, plots: Path) -> None:
+    """Build the unified dataset from the datasets listed in ``params`` (see the module docstring)."""
+    matrix = load_class_matrix()
+    jobs, findings = _collect_jobs(params, matrix)
+    image_rows, cell_rows = [], []
+    with atomic_dir(out) as staging:
+        for job, (image_row, cells, image_findings) in zip(jobs, _run(jobs, params, staging), strict=True):
+            findings += image_findings
+            if image_row is None:
+                continue
+            dataset = job.dataset
+            strata = {f"{c['cell'].fine or 'unlabelled'}@{dataset.domain_name}" for c in cells}
+            image_rows.append(
+                {
+                    "image": job.image,
+                    "dataset": dataset.name,
+                    "domain": dataset.domain_name,
+                    "role": dataset.role.value,
+                    "px_per_um": dataset.px_per_um,
+                    "cells": len(cells),
+                    "strata": strata or {f"background@{dataset.domain_name}"},
+                    **image_row,
+                }
+            )
+            for c in cells:
+                box = c["box"] if c["box"] is not None else (np.nan,) * 4
+                cell = c["cell"]
+                cell_rows.append(
+                    {
+                        "cell_id": c["cell_id"],
+                        "image": job.image,
+                        "x1": box[0], "y1": box[1], "x2": box[2], "y2": box[3],
+                        "fine_class": cell.fine or "",
+                        "coarse_class": matrix.coarse_of[cell.fine] if cell.fine else "",
+                        "source_label": cell.label or "",
+                        "dataset": dataset.name,
+                        "domain": dataset.domain_name,
+                        "role": dataset.role.value,
+                        "px_per_um": dataset.px_per_um,
+                        "crop": f"crops/{c['cell_id']}.png",
+                    }
+                )  # fmt: skip
+        images = pd.DataFrame(image_rows)
+        if images.empty:
+            raise HemaflowError("prepare: no usable image in any dataset (see the findings above)")
+        images["fold"] = -1
+        source = images["role"] == Role.source.value
+        try:
+            images.loc[source, "fold"] = assign_folds(list(images.loc[source, "strata"]), params.folds, seed)
+        except ValueError as exc:
+            raise HemaflowError(f"prepare: {exc}") from None
+        images["split"] = np.where(
+            source, np.where(images["fold"] == params.val_fold, "val", "train"), images["role"]
+        )
+        images = images.drop(columns="strata")
+        cells = pd.DataFrame(cell_rows, columns=[c for c in CELL_COLUMNS if c not in ("fold", "split")])
+        cells = cells.merge(images[["image", "fold", "split"]], on="image", how="left")[CELL_COLUMNS]
+        write_csv(staging / "cells.csv", cells)
+        write_csv(staging / "images.csv", images)
+        findings_frame = pd.DataFrame([f.__dict__ for f in findings], columns=["file", "row", "action", "reason", "detail"])
+        write_csv(staging / "findings.csv", findings_frame)
+        factor_of = {d.name: params.fields.px_per_um / d.px_per_um for d in params.datasets}
+        fields = images[images["field"] != ""]
+        field_cells = cells[cells["image"].isin(fields["image"])]
+        (staging / "coco").mkdir()
+        for split in ("train", "val", "test", "target"):
+            chosen = fields[fields["split"] == split]
+            coco = _coco(chosen, field_cells[field_cells["image"].isin(chosen["image"])], factor_of)
+            (staging / "coco" / f"{split}.json").write_text(json.dumps(coco))
+    write_data_metrics(cells, images, findings_frame, matrix, metrics, plots)

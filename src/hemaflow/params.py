@@ -1,0 +1,185 @@
+"""Typed, validated pipeline parameters: the one place where ``params.yaml`` is read.
+
+Every section of ``params.yaml`` is a frozen pydantic model that rejects unknown keys, so a typo
+fails at load time with the full key path (``prepare.crop.fov_um``) instead of being ignored.
+Section names match the DVC stages that read them (``demo_data``, ``prepare``), and each stage's
+``params:`` list in ``dvc.yaml`` names exactly the sections its command reads.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hemaflow.errors import HemaflowError
+
+__all__ = [
+    "BaseParams",
+    "CropParams",
+    "DatasetFormat",
+    "DatasetParams",
+    "DemoDataParams",
+    "FieldParams",
+    "Params",
+    "ParamsError",
+    "PrepareParams",
+    "Role",
+    "load_params",
+]
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class ParamsError(HemaflowError):
+    """params.yaml is missing, not YAML, or does not match the schema; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseParams(_Section):
+    """Shared by every stage."""
+
+    seed: int = 42  # one seed for data generation, folds and training, so a run is repeatable
+
+
+class DemoDataParams(_Section):
+    """The synthetic demo datasets (``hemaflow demo-data``)."""
+
+    cells_per_class: PositiveInt = 24  # single-cell images per class and stain domain
+    fields_per_domain: PositiveInt = 40  # smear fields (1-3 white cells each) per domain
+    background_fields: Fraction = 0.15  # share of smear fields with no white cell at all
+    target_unlabelled_cells: PositiveInt = 96  # unlabelled target-domain cells for adaptation
+    workers: PositiveInt = 2  # rendering processes; the output does not depend on it
+
+
+class Role(str, Enum):
+    """What a dataset is used for."""
+
+    source = "source"  # labelled: trains detector and classifier
+    target = "target"  # unlabelled target domain: only adaptation (stain translation) sees it
+    test = "test"  # labelled, held out: evaluation only, never trained on
+
+
+class DatasetFormat(str, Enum):
+    """Native layouts that ``hemaflow data import`` and ``prepare`` read."""
+
+    acevedo20 = "acevedo20"  # <class>/<PREFIX>_<n>.jpg, finer classes in prefixes
+    matek19 = "matek19"  # <ABBR>/*.tiff (AML-Cytomorphology_LMU)
+    hematologist = "hematologist"  # <common class>/* (Help a hematologist out, 11 classes)
+    unlabelled = "unlabelled"  # any folder tree of single-cell images (WBC1/WBC2 DATA-VAL)
+    cytologia = "cytologia"  # images/ + CSV NAME,x1,y1,x2,y2,class
+    bccd = "bccd"  # Pascal VOC: JPEGImages/, Annotations/, ImageSets/Main/, labels.csv
+    coco = "coco"  # annotations json + images
+    segmentation_wbc = "segmentation_wbc"  # NNN.bmp + NNN.png mask + labels.csv
+
+
+class DatasetParams(_Section):
+    """One dataset taking part in ``prepare``."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    format: DatasetFormat
+    path: str  # relative to prepare.root
+    role: Role
+    px_per_um: PositiveFloat  # physical scale; real sources differ (Acevedo 10, Matek 13.8, WBC1 11.52)
+    domain: str | None = None  # stain domain; defaults to the dataset name
+    # Source label -> fine class (or null to drop the rows, reported); wins over classes.yaml.
+    label_map: dict[str, str | None] = Field(default_factory=dict)
+    subset: str | None = None  # an official split file to read (BCCD: ImageSets/Main/<subset>.txt)
+
+    @property
+    def domain_name(self) -> str:
+        return self.domain or self.name
+
+
+class CropParams(_Section):
+    """Single-cell crops for the classifier and the translator."""
+
+    fov_um: PositiveFloat = 25.0  # common physical field of view (the HIDA challenge used 25 um)
+    pixels: PositiveInt = 64  # crop side in pixels after resampling: the classifier's input scale
+    margin_px: Annotated[int, Field(ge=0)] = 16  # margin around a box, at the crop's scale
+
+
+class FieldParams(_Section):
+    """Smear fields for the detector."""
+
+    px_per_um: PositiveFloat = 4.0  # the detector's pixel size: every field is resampled to it
+
+
+class PrepareParams(_Section):
+    """Ingest, validate, unify classes, normalise scale, split (``hemaflow prepare``)."""
+
+    root: str = "data/demo"  # folder the dataset paths are relative to (data/raw for real data)
+    datasets: list[DatasetParams]
+    folds: Annotated[int, Field(ge=2)] = 5
+    val_fold: Annotated[int, Field(ge=0)] = 0  # fold used as validation by the training stages
+    crop: CropParams = CropParams()
+    fields: FieldParams = FieldParams()
+    box_tolerance_px: Annotated[float, Field(ge=0)] = 8.0  # boxes this far outside are clipped
+    max_pixels: PositiveInt = 40_000_000  # larger images are rejected before decoding
+    workers: Annotated[int, Field(ge=0)] = 2  # processes decoding images (0 = in-process)
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique_names(cls, datasets: list[DatasetParams]) -> list[DatasetParams]:
+        names = [d.name for d in datasets]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"dataset names must be unique, repeated: {', '.join(duplicates)}")
+        if not any(d.role is Role.source for d in datasets):
+            raise ValueError("at least one dataset needs role 'source' (labelled training data)")
+        return datasets
+
+    @model_validator(mode="after")
+    def _val_fold_exists(self) -> PrepareParams:
+        if self.val_fold >= self.folds:
+            raise ValueError(f"val_fold={self.val_fold} must be below folds={self.folds}")
+        return self
+
+
+class Params(_Section):
+    """The whole params.yaml."""
+
+    base: BaseParams = BaseParams()
+    demo_data: DemoDataParams = DemoDataParams()
+    prepare: PrepareParams
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "<root>"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown key (check the spelling; see params.yaml in the repository for valid keys)"
+    elif "input" in error and not isinstance(error["input"], dict | list):
+        message += f" (got {error['input']!r})"
+    return f"{key}: {message}"
+
+
+def parse_params(data: object, source: str = "params.yaml") -> Params:
+    """Validate a parsed params mapping; raise ParamsError naming every offending key."""
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors(include_url=False)]
+        raise ParamsError(f"{source}: " + "; ".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found (run from the repository root or pass --params)") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(data, str(path))

@@ -1,0 +1,64 @@
+"""Importers against the real public datasets in ../shared/data (skipped when absent)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+from PIL import Image
+
+from conftest import shared_dataset
+from hemaflow.data.classes import load_class_matrix
+from hemaflow.data.formats import read_dataset
+from hemaflow.data.formats.segmentation_wbc import mask_box
+from hemaflow.params import DatasetFormat
+
+
+def test_acevedo20_subset_counts_and_prefix_classes():
+    root = shared_dataset("acevedo20_subset")
+    result = read_dataset(DatasetFormat.acevedo20, root)
+    assert len(result.annotations) == 1200 and not result.findings  # 8 folders x 150 images
+    vocabulary = load_class_matrix().vocabulary("acevedo20")
+    fine = Counter(vocabulary[a.label] for a in result.annotations)
+    assert fine == {
+        "basophil": 150, "eosinophil": 150, "erythroblast": 150, "lymphocyte_typical": 150,
+        "monocyte": 150, "platelet": 150,
+        "metamyelocyte": 54, "myelocyte": 63, "promyelocyte": 22, "immature_granulocyte": 11,
+        "neutrophil_banded": 73, "neutrophil_segmented": 74, "neutrophil": 3,
+    }  # fmt: skip
+    assert all(a.box is None for a in result.annotations)  # single centred cells
+
+
+def test_bccd_wbc_boxes_match_the_xml():
+    root = shared_dataset("bccd")
+    result = read_dataset(DatasetFormat.bccd, root)
+    assert len(result.annotations) == 372  # 344 images x 1 WBC + 14 images x 2
+    assert len(result.background_images) == 6
+    first = [a for a in result.annotations if a.image == "JPEGImages/BloodImage_00000.jpg"]
+    assert [a.box for a in first] == [(260.0, 177.0, 491.0, 376.0)]
+    assert first[0].label == "NEUTROPHIL"
+    unlabelled = [f for f in result.findings if f.action == "unlabelled"]
+    assert {a.label for a in result.annotations} - {None} <= set(load_class_matrix().vocabulary("bccd"))
+    assert len(unlabelled) == sum(a.label is None for a in result.annotations) > 0  # blank and mixed rows, listed
+
+
+def test_bccd_official_split():
+    root = shared_dataset("bccd")
+    train = read_dataset(DatasetFormat.bccd, root, subset="train")
+    test = read_dataset(DatasetFormat.bccd, root, subset="test")
+    train_images = {a.image for a in train.annotations} | set(train.background_images)
+    test_images = {a.image for a in test.annotations} | set(test.background_images)
+    assert (len(train_images), len(test_images)) == (205, 72)
+    assert not train_images & test_images
+
+
+def test_cellavision_masks_give_boxes_and_labels():
+    root = shared_dataset("cellavision_blog")
+    result = read_dataset(DatasetFormat.segmentation_wbc, root)
+    assert len(result.annotations) == 100
+    assert Counter(a.label for a in result.annotations) == {"2": 37, "1": 33, "3": 15, "4": 12, "5": 3}
+    mask = np.asarray(Image.open(root / "001.png"))
+    assert set(np.unique(mask)) <= {0, 128, 255}
+    x1, y1, x2, y2 = result.annotations[0].box
+    assert (x1, y1, x2, y2) == mask_box(mask)
+    assert mask[int(y1) : int(y2), int(x1) : int(x2)].astype(bool).sum() == mask.astype(bool).sum()
