@@ -12,6 +12,7 @@ import tifffile
 from PIL import Image
 
 from hemaflow.data.prepare import prepare
+from hemaflow.data.report import format_report
 from hemaflow.errors import HemaflowError
 from hemaflow.params import PrepareParams
 
@@ -103,6 +104,10 @@ def test_each_bad_input_gets_its_documented_result(bad_dataset):
     assert {"background.png", "good.png", "edge.png"} <= names
     assert not {"far.png", "nan.png", "inverted.png"} & names
     assert ("far.jpg", "rejected", "field_with_rejected_box") in outcome
+    report = format_report(bad_dataset / "prepared")
+    for name in ("truncated.jpg", "empty.jpg", "garbage.jpg", "alpha.png", "sixteen.tif", "nan.jpg", "inverted.jpg",
+                 "edge.jpg", "far.jpg", "../escape.jpg", "/etc/passwd", "missing.jpg"):  # fmt: skip
+        assert name in report, name
 
 
 def test_unknown_class_stops_with_the_known_ones(bad_dataset):

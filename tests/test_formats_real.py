@@ -62,3 +62,35 @@ def test_cellavision_masks_give_boxes_and_labels():
     x1, y1, x2, y2 = result.annotations[0].box
     assert (x1, y1, x2, y2) == mask_box(mask)
     assert mask[int(y1) : int(y2), int(x1) : int(x2)].astype(bool).sum() == mask.astype(bool).sum()
+
+
+def test_prepare_on_real_datasets_end_to_end(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from hemaflow.data.prepare import prepare
+    from hemaflow.params import PrepareParams
+
+    root = shared_dataset("bccd").parent
+    shared_dataset("acevedo20_subset"), shared_dataset("cellavision_blog")
+    params = PrepareParams(
+        root=str(root),
+        datasets=[
+            {"name": "pbc", "format": "acevedo20", "path": "acevedo20_subset", "role": "source", "px_per_um": 10.0},
+            {"name": "bccd_test", "format": "bccd", "path": "bccd", "subset": "test", "role": "test", "px_per_um": 8.0},
+            {"name": "cellavision", "format": "segmentation_wbc", "path": "cellavision_blog", "role": "test", "px_per_um": 10.0},
+        ],
+        folds=5,
+    )
+    prepare(params, 0, tmp_path / "prepared", tmp_path / "data.json", tmp_path / "plots")
+    cells = pd.read_csv(tmp_path / "prepared" / "cells.csv", keep_default_na=False)
+    assert Counter(cells["dataset"]) == {"pbc": 1200, "bccd_test": 71, "cellavision": 100}  # BCCD test split: 72 images, 71 WBC boxes, 4 without
+    pbc = cells[cells["dataset"] == "pbc"]
+    assert set(pbc["fold"]) == set(range(5))
+    per_fold = pbc.groupby("fold").size()
+    assert per_fold.max() - per_fold.min() <= 2  # 1200 single cells, 240 per fold
+    coco = json.loads((tmp_path / "prepared" / "coco" / "test.json").read_text())
+    assert len(coco["annotations"]) == 71 + 100 and len(coco["images"]) == 72 + 100
+    metrics = json.loads((tmp_path / "data.json").read_text())
+    assert metrics["rejected"] == 0

@@ -110,9 +110,12 @@ def prepare(
 @data_app.command("report")
 def data_report(
     prepared: Annotated[Path, typer.Option(help="The prepared folder to summarise.")] = Path("data/prepared"),
-    limit: Annotated[int, typer.Option(help="Rejected rows to list (all are in findings.csv).")] = 50,
+    limit: Annotated[int, typer.Option(help="Findings to list (all are in findings.csv).")] = 50,
 ) -> None:
-    """Counts per class x domain x split, classes a domain lacks, and every rejected file or row."""
+    """Counts per class x domain x split, classes a domain lacks, and every finding.
+
+    Findings are listed rejected first, then repaired, clipped, unlabelled and converted rows.
+    """
     from hemaflow.data.report import format_report
 
     with _user_errors():

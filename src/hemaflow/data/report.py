@@ -99,13 +99,13 @@ def format_report(prepared: Path, limit: int = 50) -> str:
     for domain, classes in missing_classes(cells.replace("", None)).items():
         if classes:
             lines.append(f"domain {domain} lacks: {', '.join(classes)}")
-    lines += ["", f"Findings: {len(findings)}"]
+    lines += ["", f"Findings: {len(findings)} (all in {prepared / 'findings.csv'})"]
     if not findings.empty:
         lines.append(findings.groupby(["action", "reason"]).size().rename("rows").to_string())
-        rejected = findings[findings["action"] == "rejected"]
-        lines += ["", f"Rejected ({len(rejected)}; every finding is in {prepared / 'findings.csv'}):"]
-        shown = rejected.head(limit)
-        lines += [f"  {r.file} [{r.row}] {r.reason}: {r.detail}" for r in shown.itertuples()]
-        if len(rejected) > limit:
-            lines.append(f"  ... {len(rejected) - limit} more")
+        order = {"rejected": 0, "repaired": 1, "clipped": 2, "unlabelled": 3, "converted": 4}
+        ranked = findings.assign(rank=findings["action"].map(order)).sort_values("rank", kind="stable")
+        lines.append("")
+        lines += [f"  {r.action:<10} {r.file} [{r.row}] {r.reason}: {r.detail}" for r in ranked.head(limit).itertuples()]
+        if len(ranked) > limit:
+            lines.append(f"  ... {len(ranked) - limit} more")
     return "\n".join(lines)
