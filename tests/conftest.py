@@ -17,3 +17,24 @@ def shared_dataset(name: str) -> Path:
 
 
 TINY_DEMO = {"cells_per_class": 6, "fields_per_domain": 6, "background_fields": 0.2, "target_unlabelled_cells": 8}
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory):
+    """A tiny demo run through prepare: (prepared folder, params.yaml written for it)."""
+    import yaml
+
+    from hemaflow.data.demo import generate_demo
+    from hemaflow.data.prepare import prepare
+    from hemaflow.params import DemoDataParams, load_params
+
+    root = tmp_path_factory.mktemp("tiny")
+    generate_demo(DemoDataParams(**TINY_DEMO), 3, root / "demo")
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["prepare"].update(root=str(root / "demo"), folds=2)
+    data["model"].update(img_size=32)
+    data["classify"].update(folds=1, epochs=2, batch_size=16)
+    (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    params = load_params(root / "params.yaml")
+    prepare(params.prepare, params.base.seed, root / "prepared", root / "data.json", root / "plots")
+    return root / "prepared", root / "params.yaml"

@@ -14,6 +14,9 @@ import pandas as pd
 
 __all__ = ["atomic_dir", "write_csv", "write_json", "write_text"]
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def write_text(path: str | Path, text: str) -> None:
     """Write a file through a temporary sibling and an atomic rename."""
@@ -23,6 +26,7 @@ def write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

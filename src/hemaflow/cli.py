@@ -107,6 +107,60 @@ def prepare(
     typer.echo(format_report(out, limit=10))
 
 
+@app.command("train-classifier")
+def train_classifier(
+    cells: Annotated[Path, typer.Option(help="Prepared (or translated) folder with cells.csv and crops.")] = Path(
+        "data/prepared"
+    ),
+    out: Annotated[Path, typer.Option(help="Folder for the fold models (.safetensors + .json).")] = Path(
+        "models/classifier"
+    ),
+    metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")] = Path("metrics/classify.json"),
+    plots: Annotated[Path, typer.Option(help="Folder for curves and the confusion data.")] = Path("plots/classify"),
+    state: Annotated[Path, typer.Option(help="Per-epoch training states, for resuming.")] = Path(
+        ".cache/hemaflow/train_classifier"
+    ),
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Train k-fold timm classifiers on cell crops (stage `train_classifier`).
+
+    Architecture from `model`, training from `classify` in params.yaml. An interrupted run
+    resumes from its last epoch. Under `torchrun --nproc_per_node N` it trains with
+    DistributedDataParallel (NCCL on GPU, gloo on CPU).
+    """
+    from hemaflow.classify.train import train_classifier as run_training
+
+    params = _load(params_file)
+    with _user_errors():
+        run_training(params.model, params.classify, params.base.seed, cells, out, metrics, plots, state)
+
+
+@app.command("classify")
+def classify(
+    images: Annotated[list[Path], typer.Argument(help="Single-cell images, or folders of them.")],
+    out: Annotated[Path, typer.Option(help="CSV to write: image, class, confidence, one column per class.")],
+    models: Annotated[Path, typer.Option(help="Folder of fold models from train-classifier.")] = Path(
+        "models/classifier"
+    ),
+    px_per_um: Annotated[
+        float | None,
+        typer.Option(help="Scale of the images: crops them to the training field of view first (else used whole)."),
+    ] = None,
+    tta: Annotated[bool, typer.Option(help="Average over the flips in classify.tta.")] = True,
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Classify single-cell images with the fold ensemble (+ flip TTA)."""
+    from hemaflow.classify.inference import classify_images
+
+    params = _load(params_file)
+    with _user_errors():
+        table = classify_images(images, models, params.prepare.crop, px_per_um, params.classify.tta if tta else [])
+        from hemaflow._io import write_csv
+
+        write_csv(out, table)
+    typer.echo(f"{len(table)} images classified -> {out}")
+
+
 @data_app.command("report")
 def data_report(
     prepared: Annotated[Path, typer.Option(help="The prepared folder to summarise.")] = Path("data/prepared"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,14 +18,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hemaflow.errors import HemaflowError
 
 __all__ = [
+    "AugmentParams",
+    "Balance",
     "BaseParams",
+    "ClassifyParams",
     "CropParams",
     "DatasetFormat",
     "DatasetParams",
     "DemoDataParams",
     "FieldParams",
+    "ModelParams",
     "Params",
     "ParamsError",
+    "Precision",
     "PrepareParams",
     "Role",
     "load_params",
@@ -144,12 +149,81 @@ class PrepareParams(_Section):
         return self
 
 
+class ModelParams(_Section):
+    """The classifier's architecture (``train-classifier``, ``classify``)."""
+
+    # Any exact timm.list_models() name, or a family alias (vit_large, vit_small, ...) resolved in
+    # hemaflow.classify.model.BACKBONE_ALIASES; the resolved name is recorded with the metrics.
+    backbone: str = "resnet18"
+    img_size: Annotated[int, Field(ge=16)] = 64  # network input side; crops are resized to it
+    checkpoint: str | None = None  # local .safetensors/.pth to start from; never a hub download
+    drop_rate: Fraction = 0.0
+
+
+class AugmentParams(_Section):
+    """albumentations probabilities (0 disables a transform) and magnitudes."""
+
+    hflip: Fraction = 0.5
+    vflip: Fraction = 0.5
+    rot90: Fraction = 0.5  # cells have no orientation
+    affine: Fraction = 0.5
+    scale_range: Annotated[float, Field(ge=0, lt=1)] = 0.1  # +-10 %: residual size differences
+    brightness_contrast: Fraction = 0.3
+    gamma: Fraction = 0.2
+    hue_saturation: Fraction = 0.3  # stain variation between laboratories
+    blur: Fraction = 0.1
+    coarse_dropout: Fraction = 0.2
+    mixup_alpha: Annotated[float, Field(ge=0)] = 0.0  # 0 disables mixup
+    cutmix_alpha: Annotated[float, Field(ge=0)] = 0.0  # 0 disables cutmix
+
+
+class Balance(str, Enum):
+    """How heavy class imbalance is countered."""
+
+    sampler = "sampler"  # class-balanced sampling of each epoch
+    loss_weights = "loss_weights"  # inverse-frequency class weights in the loss
+    none = "none"
+
+
+class Precision(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class ClassifyParams(_Section):
+    """Training of the cell classifier (``train-classifier``)."""
+
+    folds: Annotated[int, Field(ge=1)] = 2  # fold models: prepare's folds 0..folds-1 held out in turn
+    epochs: PositiveInt = 12
+    batch_size: Annotated[int, Field(ge=2)] = 32
+    lr: PositiveFloat = 2e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05
+    warmup_epochs: Annotated[float, Field(ge=0)] = 1.0
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    balance: Balance = Balance.sampler
+    augment: AugmentParams = AugmentParams()
+    tta: list[Literal["hflip", "vflip"]] = Field(default_factory=lambda: ["hflip"])  # flips averaged at inference
+    precision: Precision = Precision.bf16  # autocast on GPU; CPU always trains in fp32
+    channels_last: bool = True  # on GPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: Annotated[int, Field(ge=0)] = 0  # data-loading processes
+
+
 class Params(_Section):
     """The whole params.yaml."""
 
     base: BaseParams = BaseParams()
     demo_data: DemoDataParams = DemoDataParams()
     prepare: PrepareParams
+    model: ModelParams = ModelParams()
+    classify: ClassifyParams = ClassifyParams()
+
+    @model_validator(mode="after")
+    def _classifier_folds_exist(self) -> Params:
+        if self.classify.folds > self.prepare.folds:
+            raise ValueError(f"classify.folds={self.classify.folds} exceeds prepare.folds={self.prepare.folds}")
+        return self
 
 
 def _describe(error: dict) -> str:

@@ -1,0 +1,1 @@
+"""The classification stage: timm classifiers on cell crops, k-fold, TTA, ensembles."""

@@ -1,0 +1,93 @@
+"""Cell crops as tensors: albumentations built from params, class balance, epoch sampling."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from hemaflow.params import AugmentParams
+
+__all__ = ["CellDataset", "EpochSampler", "build_transform", "class_weights"]
+
+
+def build_transform(img_size: int, mean: Sequence[float], std: Sequence[float], augment: AugmentParams | None) -> A.Compose:
+    """Resize to the network input, optional augmentation, then the backbone's normalisation."""
+    steps: list[A.BasicTransform] = [A.Resize(img_size, img_size, interpolation=cv2.INTER_AREA)]
+    if augment is not None:
+        steps += [
+            A.HorizontalFlip(p=augment.hflip),
+            A.VerticalFlip(p=augment.vflip),
+            A.RandomRotate90(p=augment.rot90),
+            A.Affine(
+                scale=(1 - augment.scale_range, 1 + augment.scale_range),
+                rotate=(-180, 180),
+                translate_percent=(-0.05, 0.05),
+                border_mode=cv2.BORDER_REFLECT_101,
+                p=augment.affine,
+            ),
+            A.RandomBrightnessContrast(0.15, 0.15, p=augment.brightness_contrast),
+            A.RandomGamma((85, 115), p=augment.gamma),
+            A.HueSaturationValue(10, 20, 10, p=augment.hue_saturation),
+            A.GaussianBlur(blur_limit=(3, 5), p=augment.blur),
+            A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.15), hole_width_range=(0.05, 0.15),
+                            fill="random_uniform", p=augment.coarse_dropout),  # fmt: skip
+        ]
+    steps.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
+    return A.Compose(steps)
+
+
+class CellDataset(Dataset):
+    """Crops (paths) with integer labels (-1: unknown); returns (C x H x W float tensor, label)."""
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int], transform: A.Compose):
+        self.paths, self.labels, self.transform = list(paths), list(labels), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.paths[index]) as image:
+            array = np.asarray(image.convert("RGB"))
+        array = self.transform(image=array)["image"]
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), self.labels[index]
+
+
+def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights with mean 1 over the classes present (absent classes get 0)."""
+    counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
+    return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
+
+
+class EpochSampler(Sampler[int]):
+    """Indices for one epoch: shuffled, or drawn with replacement by sample weights (class balance).
+
+    The draw depends only on (seed, epoch), so every process of a distributed run draws the same
+    permutation and takes its own slice ``rank::world_size``; a resumed run redraws exactly.
+    """
+
+    def __init__(self, size: int, seed: int, weights: torch.Tensor | None = None, rank: int = 0, world_size: int = 1):
+        self.size, self.seed, self.weights, self.rank, self.world_size = size, seed, weights, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.world_size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
+        usable = len(self) * self.world_size
+        return iter(order[:usable][self.rank :: self.world_size].tolist())

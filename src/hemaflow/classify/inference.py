@@ -1,0 +1,64 @@
+"""``hemaflow classify``: single-cell images in, one class per image out."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+
+from hemaflow.classify.predict import load_ensemble, predict_paths
+from hemaflow.data.formats import IMAGE_SUFFIXES
+from hemaflow.data.images import ImageRejected, load_rgb
+from hemaflow.data.scale import crop_cell
+from hemaflow.errors import HemaflowError
+from hemaflow.params import CropParams
+
+__all__ = ["classify_images", "expand_images"]
+
+
+def expand_images(inputs: Sequence[Path]) -> list[Path]:
+    """Files as given, folders expanded to the images under them (sorted)."""
+    paths: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise HemaflowError(f"{item}: no such file or folder")
+    if not paths:
+        raise HemaflowError("no images found in the given paths")
+    return paths
+
+
+def classify_images(
+    inputs: Sequence[Path], models: Path, crop: CropParams, px_per_um: float | None, tta: Sequence[str]
+) -> pd.DataFrame:
+    """A table with one row per image: class, confidence, per-class probabilities, or the error."""
+    ensemble = load_ensemble(models)
+    classes = ensemble[0][1].classes
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows, usable = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, path in enumerate(expand_images(inputs)):
+            try:
+                rgb, _, _ = load_rgb(path, max_pixels=40_000_000)
+            except ImageRejected as exc:
+                rows.append({"image": str(path), "class": "", "confidence": None, "error": f"{exc.reason}: {exc}"})
+                continue
+            if px_per_um is not None:  # bring the cell to the training field of view first
+                rgb, _ = crop_cell(rgb, None, px_per_um, crop.fov_um, crop.pixels, 0)
+            staged = Path(tmp) / f"{index:07d}.png"
+            Image.fromarray(rgb).save(staged)
+            usable.append((len(rows), staged))
+            rows.append({"image": str(path), "class": "", "confidence": None, "error": ""})
+        if usable:
+            probabilities = predict_paths(ensemble, [p for _, p in usable], tta, device, progress=True)
+            for (row, _), p in zip(usable, probabilities, strict=True):
+                rows[row] |= {"class": classes[int(p.argmax())], "confidence": float(p.max())}
+                rows[row] |= {f"p_{name}": float(v) for name, v in zip(classes, p, strict=True)}
+    return pd.DataFrame(rows)
