@@ -7,14 +7,14 @@ Markdown table. Usage: `make bench` or `uv run python benchmarks/run.py [--repea
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from hemaflow._scratch import scratch_env, scratch_repository
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,16 +28,6 @@ def _timed(command: list[str], cwd: Path, env: dict[str, str]) -> float:
     return elapsed
 
 
-def _copy_repository(target: Path) -> None:
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, check=True, capture_output=True
-    ).stdout.decode()
-    for name in filter(None, listed.split("\0")):
-        if (REPO / name).is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, target / name)
-
-
 def _stages(work: Path, env: dict[str, str]) -> list[str]:
     listed = subprocess.run(
         [sys.executable, "-m", "dvc", "stage", "list", "--name-only"], cwd=work, env=env, check=True, capture_output=True, text=True
@@ -49,12 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="runs of each quick measurement (median reported)")
     args = parser.parse_args()
-    env = os.environ | {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "true",
-        "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.org",
-        "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.org",
-    }  # fmt: skip
+    env = scratch_env()
     rows: list[tuple[str, float, str]] = []
     setup = [sys.executable, "-m", "uv", "sync", "--frozen", "--quiet"]
     setup_times = [_timed(setup, REPO, env) for _ in range(args.repeats)]
@@ -62,9 +47,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "repo"
-        _copy_repository(work)
-        for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
-            _timed(command, work, env)
+        scratch_repository(REPO, work)
         for stage in _stages(work, env):
             seconds = _timed([sys.executable, "-m", "dvc", "repro", "--single-item", stage], work, env)
             rows.append((f"stage `{stage}` (demo params)", seconds, "one run, 2 CPU cores"))

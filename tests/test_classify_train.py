@@ -101,3 +101,26 @@ def test_classify_cli_writes_a_class_per_image(tiny_prepared, tmp_path):
     assert table.loc[table["image"].str.endswith("broken.png"), "error"].str.startswith("unreadable_image").all()
     probabilities = table.loc[table["error"] == "", [f"p_{c}" for c in card["classes"]]].sum(axis=1)
     assert ((probabilities - 1).abs() < 1e-4).all()
+
+
+def test_real_acevedo_cells_train_end_to_end(tmp_path):
+    from conftest import REPO, shared_dataset
+
+    source = shared_dataset("acevedo20_subset")
+    subset = tmp_path / "raw" / "pbc"
+    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+        (subset / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:6]:
+            (subset / folder.name / image.name).write_bytes(image.read_bytes())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"].update(root=str(tmp_path / "raw"), folds=2, datasets=[
+        {"name": "pbc", "format": "acevedo20", "path": "pbc", "role": "source", "px_per_um": 10.0}])  # fmt: skip
+    params["model"]["img_size"] = 32
+    params["classify"].update(folds=1, epochs=1, batch_size=8)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    _run([sys.executable, "-m", "hemaflow", "prepare", "--params", str(tmp_path / "params.yaml"),
+          "--out", str(tmp_path / "prepared"), "--metrics", str(tmp_path / "data.json"), "--plots", str(tmp_path / "p")])  # fmt: skip
+    _run(_train(tmp_path / "prepared", tmp_path / "params.yaml", tmp_path / "run"))
+    card = json.loads((tmp_path / "run" / "models" / "fold0.json").read_text())
+    assert {"platelet", "erythroblast", "monocyte", "neutrophil_banded"} <= set(card["classes"])
+    assert 0 <= json.loads((tmp_path / "run" / "metrics.json").read_text())["oof"]["macro_f1"] <= 1

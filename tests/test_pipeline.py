@@ -3,54 +3,35 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 import yaml
 
 from conftest import REPO, TINY_DEMO
+from hemaflow._scratch import scratch_env, scratch_repository
 
 pytestmark = pytest.mark.slow
-
-
-def _git_files(repo: Path) -> list[str]:
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo, check=True, capture_output=True
-    ).stdout.decode()
-    return [name for name in listed.split("\0") if name and (repo / name).is_file()]
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     work = tmp_path_factory.mktemp("pipeline") / "repo"
-    for name in _git_files(REPO):
-        if name.startswith(("metrics/", "plots/")) or name == "dvc.lock":
-            continue  # start as a fresh clone would before its first run
-        (work / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, work / name)
-    params = yaml.safe_load((work / "params.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["demo_data"].update(TINY_DEMO)
     params["prepare"]["folds"] = 2
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = os.environ | {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "true",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.org",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.org",
-    }  # fmt: skip
+    params["model"]["img_size"] = 32
+    params["classify"].update(folds=1, epochs=2, batch_size=16)
+    # start as a fresh clone would before its first run, on tiny params
+    scratch_repository(REPO, work, skip=lambda name: name.startswith(("metrics/", "plots/")) or name == "dvc.lock",
+                       files={"params.yaml": yaml.safe_dump(params, sort_keys=False)})  # fmt: skip
+    env = scratch_env()
 
     def run(*command: str) -> subprocess.CompletedProcess:
         result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
         assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
         return result
 
-    run("git", "init", "-q")
-    run("git", "add", "-A")
-    run("git", "commit", "-qm", "fresh clone")
     return work, run
 
 
@@ -67,6 +48,9 @@ def test_repro_builds_everything_then_does_nothing(workspace):
     assert (work / "plots" / "data" / "class_by_domain.png").stat().st_size > 1000
     coco = json.loads((prepared / "coco" / "train.json").read_text())
     assert coco["categories"] == [{"id": 1, "name": "wbc"}] and coco["annotations"]
+    classify = json.loads((work / "metrics" / "classify.json").read_text())
+    assert classify["resolved_backbone"] == "resnet18" and "macro_f1" in classify["oof"]
+    assert (work / "models" / "classifier" / "fold0.safetensors").exists()
 
     again = run(sys.executable, "-m", "dvc", "repro")
     assert "Data and pipelines are up to date" in again.stdout
@@ -85,3 +69,11 @@ def test_experiment_on_a_param_and_its_diffs(workspace):
     assert "cells.by_split.val" in diff
     run(sys.executable, "-m", "dvc", "plots", "diff", "-o", "plots_html")
     assert (work / "plots_html" / "index.html").stat().st_size > 1000
+
+
+def test_the_users_vit_large_experiment(workspace):
+    work, run = workspace
+    run(sys.executable, "-m", "dvc", "exp", "run", "-S", "model.backbone=vit_large", "-S", "classify.epochs=1", "-n", "vit")
+    metrics = json.loads((work / "metrics" / "classify.json").read_text())
+    assert metrics["resolved_backbone"] == "vit_large_patch16_224"
+    assert "vit_large" in run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout

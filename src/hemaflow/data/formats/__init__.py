@@ -73,6 +73,18 @@ def parse_box(x1: object, y1: object, x2: object, y2: object) -> Box:
     return box  # type: ignore[return-value]
 
 
+def find_one(root: Path, patterns: list[str], preferred: tuple[str, ...], what: str) -> Path:
+    """The single annotation file of a dataset (a preferred name wins when several exist)."""
+    candidates = sorted({p for pattern in patterns for p in root.glob(pattern)})
+    for name in preferred:
+        if (root / name) in candidates:
+            return root / name
+    if len(candidates) != 1:
+        found = ", ".join(p.name for p in candidates) or "none"
+        raise ValueError(f"{root}: expected exactly one {what}, found {found}")
+    return candidates[0]
+
+
 def list_images(root: Path) -> list[str]:
     return sorted(
         p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()

@@ -10,21 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hemaflow.data.formats import Annotation, ReadResult, parse_box, safe_image_name
+from hemaflow.data.formats import Annotation, ReadResult, find_one, parse_box, safe_image_name
 
 __all__ = ["read"]
 
 
-def _find_json(root: Path) -> Path:
-    candidates = sorted(root.glob("*.json")) or sorted((root / "annotations").glob("*.json"))
-    if len(candidates) != 1:
-        found = ", ".join(p.name for p in candidates) or "none"
-        raise ValueError(f"{root}: expected exactly one COCO annotation json, found {found}")
-    return candidates[0]
-
-
 def read(root: Path) -> ReadResult:
-    json_path = _find_json(root)
+    json_path = find_one(root, ["*.json", "annotations/*.json"], (), "COCO annotation json")
     data = json.loads(json_path.read_text())
     for key in ("images", "annotations", "categories"):
         if key not in data:

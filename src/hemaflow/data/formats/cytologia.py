@@ -10,26 +10,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from hemaflow.data.formats import Annotation, ReadResult, list_images, parse_box, safe_image_name
+from hemaflow.data.formats import Annotation, ReadResult, find_one, list_images, parse_box, safe_image_name
 
 __all__ = ["read"]
 
 BOX_COLUMNS = ["x1", "y1", "x2", "y2"]
 
 
-def _find_csv(root: Path) -> Path:
-    candidates = sorted(root.glob("*.csv"))
-    for preferred in ("train.csv", "labels.csv"):
-        if (root / preferred) in candidates:
-            return root / preferred
-    if len(candidates) != 1:
-        found = ", ".join(p.name for p in candidates) or "none"
-        raise ValueError(f"{root}: expected one CSV (train.csv or labels.csv) beside the images, found {found}")
-    return candidates[0]
-
-
 def read(root: Path) -> ReadResult:
-    csv_path = _find_csv(root)
+    csv_path = find_one(root, ["*.csv"], ("train.csv", "labels.csv"), "CSV (train.csv or labels.csv) beside the images")
     image_dir = root / "images" if (root / "images").is_dir() else root
     prefix = "images/" if image_dir != root else ""
     present = set(list_images(image_dir))
