@@ -22,6 +22,7 @@ def workspace(tmp_path_factory):
     params["prepare"]["folds"] = 2
     params["model"]["img_size"] = 32
     params["classify"].update(folds=1, epochs=2, batch_size=16)
+    params["detect"].update(epochs=2, batch_size=4)
     # start as a fresh clone would before its first run, on tiny params
     scratch_repository(REPO, work, skip=lambda name: name.startswith(("metrics/", "plots/")) or name == "dvc.lock",
                        files={"params.yaml": yaml.safe_dump(params, sort_keys=False)})  # fmt: skip
@@ -51,6 +52,9 @@ def test_repro_builds_everything_then_does_nothing(workspace):
     classify = json.loads((work / "metrics" / "classify.json").read_text())
     assert classify["resolved_backbone"] == "resnet18" and "macro_f1" in classify["oof"]
     assert (work / "models" / "classifier" / "fold0.safetensors").exists()
+    detect = json.loads((work / "metrics" / "detect.json").read_text())
+    assert {"val", "test"} <= set(detect) and 0 <= detect["val"]["AP50"] <= 1
+    assert (work / "data" / "detections" / "test.csv").exists()
 
     again = run(sys.executable, "-m", "dvc", "repro")
     assert "Data and pipelines are up to date" in again.stdout

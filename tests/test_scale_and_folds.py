@@ -50,3 +50,8 @@ def test_folds_keep_multi_cell_images_whole_and_balance_every_stratum():
         assert max(per_fold.values()) - min(per_fold.values()) <= 3
     assert (assign_folds(strata, 5, seed=1) == folds).all()
     assert (assign_folds(strata, 5, seed=2) != folds).any()
+
+
+def test_a_single_stratum_still_gets_balanced_folds():
+    folds = assign_folds([{"unlabelled@bccd"}] * 12, n_folds=3, seed=0)
+    assert sorted(Counter(folds.tolist()).values()) == [4, 4, 4]

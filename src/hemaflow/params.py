@@ -26,6 +26,8 @@ __all__ = [
     "DatasetFormat",
     "DatasetParams",
     "DemoDataParams",
+    "DetectParams",
+    "DetectorModelParams",
     "FieldParams",
     "ModelParams",
     "Params",
@@ -210,6 +212,31 @@ class ClassifyParams(_Section):
     num_workers: Annotated[int, Field(ge=0)] = 0  # data-loading processes
 
 
+class DetectorModelParams(_Section):
+    """The detector's architecture; every one trains with a GIoU box loss."""
+
+    arch: Literal["rtmdet", "yolox", "fcos", "faster_rcnn"] = "rtmdet"
+    widen_factor: PositiveFloat = 0.375  # channel multiplier of CSPNeXt / CSPDarknet (rtmdet, yolox)
+    deepen_factor: PositiveFloat = 0.167  # block-count multiplier (rtmdet, yolox)
+    checkpoint: str | None = None  # local weights to start from (e.g. COCO-pretrained); random init otherwise
+
+
+class DetectParams(_Section):
+    """Training and inference of the white-cell detector (``train-detector``, ``detect``)."""
+
+    model: DetectorModelParams = DetectorModelParams()
+    input_px: Annotated[int, Field(ge=32, multiple_of=32)] = 160  # network input side (tiles above it)
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 8
+    lr: PositiveFloat = 0.004
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05
+    warmup_iters: Annotated[int, Field(ge=0)] = 30
+    score_threshold: Fraction = 0.3  # detections kept in the CSVs and used for matching
+    tile_overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5  # of a tile's side: above the largest cell
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class Params(_Section):
     """The whole params.yaml."""
 
@@ -218,6 +245,7 @@ class Params(_Section):
     prepare: PrepareParams
     model: ModelParams = ModelParams()
     classify: ClassifyParams = ClassifyParams()
+    detect: DetectParams = DetectParams()
 
     @model_validator(mode="after")
     def _classifier_folds_exist(self) -> Params:

@@ -1,0 +1,122 @@
+"""The ``train_detector`` stage: mmengine's Runner on the prepared COCO splits.
+
+The work directory persists between runs, so an interrupted training resumes from its last
+epoch checkpoint (mmengine ``resume=True``). mmengine 0.10.7 loads checkpoints with a bare
+``torch.load``, which torch >= 2.6 refuses for its pickled extras (mmengine#1655): we register
+our own loader (see :func:`checkpoint_loader`). The best epoch's weights are exported as
+``best.safetensors`` (tensors only) + ``best.json`` (the config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from mmengine.config import Config
+from mmengine.runner import CheckpointLoader, Runner
+from safetensors.torch import save_file
+
+from hemaflow._io import write_csv, write_json
+from hemaflow.detect.config import build_config
+from hemaflow.errors import HemaflowError
+from hemaflow.params import DetectParams
+
+__all__ = ["checkpoint_loader", "train_detector"]
+
+def checkpoint_loader(trusted_dir: Path):
+    """An mmengine checkpoint loader that unpickles only checkpoints our own runner wrote.
+
+    A resume checkpoint in ``trusted_dir`` (the stage's work directory, written by this process's
+    Runner) carries mmengine's message hub: numpy arrays whose pickles need ``getattr``, which no
+    allow-list can admit safely. Those files are ours, so they load in full; any other file (a
+    user's ``detect.model.checkpoint``) loads with ``weights_only=True``.
+    """
+    trusted = trusted_dir.resolve()
+
+    def load(filename: str, map_location: str | None = None) -> dict:
+        path = Path(filename).resolve()
+        own = path.parent == trusted and path.suffix == ".pth"
+        return torch.load(path, map_location=map_location, weights_only=not own)
+
+    return load
+
+
+def _register_loader(work_dir: Path) -> None:
+    CheckpointLoader.register_scheme(prefixes="", loader=checkpoint_loader(work_dir), force=True)
+
+
+def _check_ops(device: str) -> None:
+    """A CPU-built mmcv has no CUDA kernels: say so before mmcv fails deep in NMS."""
+    if device != "cuda":
+        return
+    from mmcv.ops import nms
+
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0]], device="cuda")
+    try:
+        nms(boxes, torch.ones(1, device="cuda"), 0.5)
+    except RuntimeError as exc:
+        raise HemaflowError(
+            "mmcv was built without CUDA ops, so detection cannot run on the GPU; reinstall it with "
+            "FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=<your GPU, e.g. 9.0> (see README, GPU set-up), "
+            f"or set detect.device: cpu ({exc})"
+        ) from None
+
+
+def _curves(work_dir: Path) -> pd.DataFrame:
+    """Per-epoch training loss and validation mAP from every run's scalars.json (resumes included)."""
+    rows: dict[int, dict] = {}
+    for scalars in sorted(work_dir.glob("*/vis_data/scalars.json")):
+        for line in scalars.read_text().splitlines():
+            record = json.loads(line)
+            # training records carry "epoch"; validation records only "step", which is the epoch
+            epoch = int(record["epoch"] if "epoch" in record else record.get("step", 0))
+            entry = rows.setdefault(epoch, {"epoch": epoch})
+            if "loss" in record:
+                entry.setdefault("losses", []).append(record["loss"])
+            for key in ("coco/bbox_mAP", "coco/bbox_mAP_50"):
+                if key in record:
+                    entry[key.split("/")[1]] = record[key]
+    table = [
+        {"epoch": e, "train_loss": float(np.mean(r["losses"])) if "losses" in r else None,
+         "val_mAP": r.get("bbox_mAP"), "val_mAP_50": r.get("bbox_mAP_50")}
+        for e, r in sorted(rows.items()) if e > 0
+    ]  # fmt: skip
+    return pd.DataFrame(table, columns=["epoch", "train_loss", "val_mAP", "val_mAP_50"])
+
+
+def _best_checkpoint(work_dir: Path) -> Path:
+    best = sorted(work_dir.glob("best_coco_bbox_mAP_epoch_*.pth"))
+    if best:
+        return best[-1]
+    last = work_dir / "last_checkpoint"
+    if last.exists():
+        return Path(last.read_text().strip())
+    raise HemaflowError(f"{work_dir}: training wrote no checkpoint")
+
+
+def train_detector(params: DetectParams, seed: int, prepared: Path, work_dir: Path, out: Path, plots: Path) -> dict:
+    """Train (or resume), export the best weights to ``out/best.safetensors``; return the config."""
+    device = "cuda" if (params.device == "cuda" or (params.device == "auto" and torch.cuda.is_available())) else "cpu"
+    _check_ops(device)
+    _register_loader(work_dir)
+    launcher = "pytorch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
+    config = build_config(params, seed, prepared, work_dir, launcher)
+    if device == "cpu":
+        config["env_cfg"]["dist_cfg"]["backend"] = "gloo"
+    annotations = json.loads((prepared / "coco" / "train.json").read_text())["annotations"]
+    if not annotations:
+        raise HemaflowError(f"{prepared / 'coco' / 'train.json'}: no training boxes (are there smear-field datasets?)")
+    runner = Runner.from_cfg(Config(config))
+    runner.train()
+    if runner.rank == 0:
+        checkpoint = checkpoint_loader(work_dir)(str(_best_checkpoint(work_dir)), "cpu")
+        out.mkdir(parents=True, exist_ok=True)
+        # RTMDet shares its head convs across levels; safetensors stores each name separately
+        save_file({k: v.clone().contiguous() for k, v in checkpoint["state_dict"].items()}, out / "best.safetensors")
+        write_json(out / "best.json", {"config": config, "epoch": checkpoint["meta"].get("epoch")})
+        write_csv(plots / "curves.csv", _curves(work_dir))
+    return config
