@@ -22,3 +22,4 @@ test: setup
 bench: setup
 	$(UV) run --frozen python benchmarks/run.py
 	$(UV) run --frozen python benchmarks/classify.py
+	$(UV) run --frozen python benchmarks/detect.py

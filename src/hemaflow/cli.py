@@ -150,13 +150,12 @@ def classify(
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Classify single-cell images with the fold ensemble (+ flip TTA)."""
+    from hemaflow._io import write_csv
     from hemaflow.classify.inference import classify_images
 
     params = _load(params_file)
     with _user_errors():
         table = classify_images(images, models, params.prepare.crop, px_per_um, params.classify.tta if tta else [])
-        from hemaflow._io import write_csv
-
         write_csv(out, table)
     typer.echo(f"{len(table)} images classified -> {out}")
 
@@ -213,7 +212,7 @@ def detect(
 ) -> None:
     """Find white cells on smear images: rescaled to the training pixel size, tiled when large."""
     from hemaflow._io import write_csv
-    from hemaflow.classify.inference import expand_images
+    from hemaflow.data.images import expand_images
     from hemaflow.detect.apply import detect_images
 
     params = _load(params_file)

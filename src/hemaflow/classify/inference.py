@@ -11,28 +11,11 @@ import torch
 from PIL import Image
 
 from hemaflow.classify.predict import load_ensemble, predict_paths
-from hemaflow.data.formats import IMAGE_SUFFIXES
-from hemaflow.data.images import ImageRejected, load_rgb
+from hemaflow.data.images import ImageRejected, expand_images, load_rgb
 from hemaflow.data.scale import crop_cell
-from hemaflow.errors import HemaflowError
 from hemaflow.params import CropParams
 
-__all__ = ["classify_images", "expand_images"]
-
-
-def expand_images(inputs: Sequence[Path]) -> list[Path]:
-    """Files as given, folders expanded to the images under them (sorted)."""
-    paths: list[Path] = []
-    for item in inputs:
-        if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.exists():
-            paths.append(item)
-        else:
-            raise HemaflowError(f"{item}: no such file or folder")
-    if not paths:
-        raise HemaflowError("no images found in the given paths")
-    return paths
+__all__ = ["classify_images"]
 
 
 def classify_images(

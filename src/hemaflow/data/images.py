@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import tifffile
 from PIL import Image, ImageFile
 
-__all__ = ["ImageRejected", "load_rgb"]
+from hemaflow.data.formats import IMAGE_SUFFIXES
+from hemaflow.errors import HemaflowError
+
+__all__ = ["ImageRejected", "expand_images", "load_rgb"]
 
 
 class ImageRejected(Exception):
@@ -116,3 +120,18 @@ def load_rgb(path: Path, max_pixels: int) -> tuple[np.ndarray, str | None, str |
         raise ImageRejected("unreadable_image", f"corrupt beyond repair: {exc}") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def expand_images(inputs: Sequence[Path]) -> list[Path]:
+    """Files as given, folders expanded to the images under them (sorted)."""
+    paths: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise HemaflowError(f"{item}: no such file or folder")
+    if not paths:
+        raise HemaflowError("no images found in the given paths")
+    return paths

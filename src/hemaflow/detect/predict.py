@@ -67,8 +67,8 @@ class Detector:
         return cls(model.to(target).eval(), Compose(steps), input_px, px_per_um, target)
 
     @torch.no_grad()
-    def _run(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Boxes and scores for RGB images no larger than the input size."""
+    def run_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Boxes and scores for RGB images already at the training pixel size, one forward pass."""
         packed = [self.pipeline({"img": np.ascontiguousarray(image[..., ::-1]), "img_id": i}) for i, image in enumerate(images)]
         data = {"inputs": [p["inputs"] for p in packed], "data_samples": [p["data_samples"] for p in packed]}
         results = self.model.test_step(data)
@@ -98,7 +98,7 @@ class Detector:
         crops = [scaled[y : y + self.input_px, x : x + self.input_px] for x, y in tiles]
         found = []
         for start in range(0, len(crops), batch_size):
-            found += self._run(crops[start : start + batch_size])
+            found += self.run_batch(crops[start : start + batch_size])
         if len(tiles) == 1:
             boxes, scores = found[0]
         else:
