@@ -56,8 +56,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     register_all_modules(init_default_scope=True)
-    config = Config(json.loads((args.model / "best.json").read_text())["config"])
-    side = config.train_dataloader.dataset.pipeline[2]["scale"][0]
+    card = json.loads((args.model / "best.json").read_text())
+    config, side = Config(card["config"]), card["input_px"]
     batch = config.train_dataloader.batch_size
     device = torch.device(args.device)
     detector = Detector.load(args.model, px_per_um=4.0, device=args.device)

@@ -155,7 +155,8 @@ def classify(
 
     params = _load(params_file)
     with _user_errors():
-        table = classify_images(images, models, params.prepare.crop, px_per_um, params.classify.tta if tta else [])
+        tta_views = params.classify.tta if tta else []
+        table = classify_images(images, models, params.prepare.crop, px_per_um, tta_views, params.prepare.max_pixels)
         write_csv(out, table)
     typer.echo(f"{len(table)} images classified -> {out}")
 

@@ -19,7 +19,7 @@ __all__ = ["classify_images"]
 
 
 def classify_images(
-    inputs: Sequence[Path], models: Path, crop: CropParams, px_per_um: float | None, tta: Sequence[str]
+    inputs: Sequence[Path], models: Path, crop: CropParams, px_per_um: float | None, tta: Sequence[str], max_pixels: int
 ) -> pd.DataFrame:
     """A table with one row per image: class, confidence, per-class probabilities, or the error."""
     ensemble = load_ensemble(models)
@@ -29,7 +29,7 @@ def classify_images(
     with tempfile.TemporaryDirectory() as tmp:
         for index, path in enumerate(expand_images(inputs)):
             try:
-                rgb, _, _ = load_rgb(path, max_pixels=40_000_000)
+                rgb, _, _ = load_rgb(path, max_pixels)
             except ImageRejected as exc:
                 rows.append({"image": str(path), "class": "", "confidence": None, "error": f"{exc.reason}: {exc}"})
                 continue

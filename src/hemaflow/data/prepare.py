@@ -57,6 +57,7 @@ class _Cell:
 class _ImageJob:
     dataset: DatasetParams
     path: Path  # where to read it
+    name: str  # relative to the dataset folder, for findings and field names
     image: str  # as written to cells.csv: the path as given under prepare.root
     index: int  # position within its dataset: part of the cell ids
     cells: tuple[_Cell, ...]
@@ -101,7 +102,7 @@ def _collect_jobs(params: PrepareParams, matrix: ClassMatrix) -> tuple[list[_Ima
         is_field = any(a.box is not None for a in result.annotations) or bool(result.background_images)
         for index, name in enumerate(sorted(by_image)):
             image = (Path(params.root) / dataset.path / name).as_posix()
-            jobs.append(_ImageJob(dataset, root / dataset.path / name, image, index, tuple(by_image[name]), is_field))
+            jobs.append(_ImageJob(dataset, root / dataset.path / name, name, image, index, tuple(by_image[name]), is_field))
     if unknown:
         lines = [
             f"{dataset}: {label!r} ({len(rows)} rows, first {rows[0]})" for (dataset, label), rows in sorted(unknown.items())
@@ -140,13 +141,13 @@ def _map_label(
 
 
 def _field_name(job: _ImageJob) -> str:
-    stem = job.image.split(f"{job.dataset.path}/", 1)[-1].rsplit(".", 1)[0].replace("/", "__")
+    stem = job.name.rsplit(".", 1)[0].replace("/", "__")
     return f"fields/{job.dataset.name}/{stem}.png"
 
 
 def _process(job: _ImageJob, params: PrepareParams, out: Path) -> tuple[dict | None, list[dict], list[Finding]]:
     """Decode, repair, validate boxes, write crops (and the rescaled field) for one image."""
-    where = f"{job.dataset.name}/{job.image.split(f'{job.dataset.path}/', 1)[-1]}"
+    where = f"{job.dataset.name}/{job.name}"
     findings: list[Finding] = []
     try:
         rgb, converted, repaired = load_rgb(job.path, params.max_pixels)

@@ -19,10 +19,13 @@ __all__ = ["BOX_COLUMNS", "detect_images", "detect_splits"]
 
 BOX_COLUMNS = ["image", "x1", "y1", "x2", "y2", "score"]
 SPLITS = ("val", "test", "target")  # the splits later stages read detections of
+# Smear regions far larger than a single-cell image are the point of tiling; still refuse what
+# would not fit in memory decoded (400 Mpx x 3 bytes = 1.2 GB).
+MAX_FIELD_PIXELS = 400_000_000
 
 
 def _detect(detector: Detector, path: Path, px_per_um: float, params: DetectParams) -> tuple[np.ndarray, np.ndarray]:
-    rgb, _, _ = load_rgb(path, max_pixels=400_000_000)
+    rgb, _, _ = load_rgb(path, MAX_FIELD_PIXELS)
     boxes, scores = detector(rgb, px_per_um, params.tile_overlap, params.batch_size)
     height, width = rgb.shape[:2]
     boxes = np.clip(boxes, 0, [width, height, width, height])

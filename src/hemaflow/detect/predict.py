@@ -52,12 +52,12 @@ class Detector:
         if not sidecar.exists():
             raise HemaflowError(f"{model_dir}: no trained detector (run `dvc repro train_detector`)")
         register_all_modules(init_default_scope=True)
-        config = Config(json.loads(sidecar.read_text())["config"])
+        card = json.loads(sidecar.read_text())
+        config, input_px = Config(card["config"]), card["input_px"]
         model = MODELS.build(config.model)
         model.load_state_dict(load_file(model_dir / "best.safetensors"))
         use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         target = torch.device("cuda" if use_cuda else "cpu")
-        input_px = config.train_dataloader.dataset.pipeline[2]["scale"][0]
         steps = [
             {"type": "mmdet.LoadImageFromNDArray"},
             {"type": "Resize", "scale": (input_px, input_px), "keep_ratio": True},

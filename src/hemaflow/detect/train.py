@@ -117,6 +117,6 @@ def train_detector(params: DetectParams, seed: int, prepared: Path, work_dir: Pa
         out.mkdir(parents=True, exist_ok=True)
         # RTMDet shares its head convs across levels; safetensors stores each name separately
         save_file({k: v.clone().contiguous() for k, v in checkpoint["state_dict"].items()}, out / "best.safetensors")
-        write_json(out / "best.json", {"config": config, "epoch": checkpoint["meta"].get("epoch")})
+        write_json(out / "best.json", {"config": config, "input_px": params.input_px, "epoch": checkpoint["meta"].get("epoch")})
         write_csv(plots / "curves.csv", _curves(work_dir))
     return config
