@@ -14,6 +14,7 @@ from mmengine.structures import InstanceData
 from hemaflow.detect.config import build_config, model_config
 from hemaflow.detect.metrics import best_giou_matches, cytologia_box_term, detection_metrics
 from hemaflow.detect.predict import tile_origins
+from hemaflow.detect.train import reset_stale_work_dir
 from hemaflow.params import DetectorModelParams, DetectParams
 
 ARCHITECTURES = typing.get_args(DetectorModelParams.model_fields["arch"].annotation)
@@ -65,3 +66,11 @@ def test_perfect_detections_score_perfectly_and_misses_cost_recall():
     assert perfect["AP50"] == pytest.approx(1.0) and perfect["recall_50"] == 1.0 and perfect["mean_giou"] == 1.0
     partial = detection_metrics(truth, {"b": predictions["b"]}, 0.5)
     assert partial["recall_50"] == pytest.approx(2 / 3) and partial["cytologia_box_term"] == pytest.approx(2 / 3)
+
+
+def test_work_dir_resumes_only_the_same_config_and_data(tmp_path):
+    work = tmp_path / "work"
+    assert not reset_stale_work_dir(work, "a")  # new: nothing to reset
+    (work / "epoch_3.pth").write_bytes(b"checkpoint")
+    assert not reset_stale_work_dir(work, "a") and (work / "epoch_3.pth").exists()  # same run: resume
+    assert reset_stale_work_dir(work, "b") and not (work / "epoch_3.pth").exists()  # other params: restart

@@ -9,8 +9,10 @@ our own loader (see :func:`checkpoint_loader`). The best epoch's weights are exp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from hemaflow.detect.config import build_config
 from hemaflow.errors import HemaflowError
 from hemaflow.params import DetectParams
 
-__all__ = ["checkpoint_loader", "train_detector"]
+__all__ = ["checkpoint_loader", "reset_stale_work_dir", "train_detector"]
 
 def checkpoint_loader(trusted_dir: Path):
     """An mmengine checkpoint loader that unpickles only checkpoints our own runner wrote.
@@ -98,6 +100,21 @@ def _best_checkpoint(work_dir: Path) -> Path:
     raise HemaflowError(f"{work_dir}: training wrote no checkpoint")
 
 
+def reset_stale_work_dir(work_dir: Path, fingerprint: str) -> bool:
+    """Empty ``work_dir`` unless its checkpoints come from the same config and data; True if emptied.
+
+    The work dir persists so that an interrupted training resumes, but a run with other params or
+    other data must start over, not "resume" a finished run of the old ones.
+    """
+    marker = work_dir / "fingerprint.txt"
+    stale = work_dir.exists() and (not marker.exists() or marker.read_text() != fingerprint)
+    if stale:
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint)
+    return stale
+
+
 def train_detector(params: DetectParams, seed: int, prepared: Path, work_dir: Path, out: Path, plots: Path) -> dict:
     """Train (or resume), export the best weights to ``out/best.safetensors``; return the config."""
     device = "cuda" if (params.device == "cuda" or (params.device == "auto" and torch.cuda.is_available())) else "cpu"
@@ -110,6 +127,13 @@ def train_detector(params: DetectParams, seed: int, prepared: Path, work_dir: Pa
     annotations = json.loads((prepared / "coco" / "train.json").read_text())["annotations"]
     if not annotations:
         raise HemaflowError(f"{prepared / 'coco' / 'train.json'}: no training boxes (are there smear-field datasets?)")
+    data = [(prepared / "coco" / f"{split}.json").read_bytes() for split in ("train", "val")]
+    fingerprint = hashlib.sha256(
+        json.dumps({k: v for k, v in config.items() if k != "launcher"}, sort_keys=True, default=str).encode()
+        + b"".join(hashlib.sha256(d).digest() for d in data)
+    ).hexdigest()
+    if int(os.environ.get("RANK", "0")) == 0 and reset_stale_work_dir(work_dir, fingerprint):
+        print(f"{work_dir}: params or data changed since its checkpoints; training from the start")
     runner = Runner.from_cfg(Config(config))
     runner.train()
     if runner.rank == 0:
