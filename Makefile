@@ -23,3 +23,5 @@ bench: setup
 	$(UV) run --frozen python benchmarks/run.py
 	$(UV) run --frozen python benchmarks/classify.py
 	$(UV) run --frozen python benchmarks/detect.py
+	$(UV) run --frozen python benchmarks/translate.py
+	$(UV) run --frozen python benchmarks/predict.py

@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,3 +43,14 @@ def tiny_prepared(tmp_path_factory):
     params = load_params(root / "params.yaml")
     prepare(params.prepare, params.base.seed, root / "prepared", root / "data.json", root / "plots")
     return root / "prepared", root / "params.yaml"
+
+
+def kill_when(command: list[str], ready: Callable[[], bool], timeout: float = 600) -> None:
+    """Start ``command`` and SIGKILL it as soon as ``ready()`` holds (an interrupted training)."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"

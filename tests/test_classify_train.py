@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
 import torch
 import yaml
+
+from conftest import kill_when
 
 pytestmark = pytest.mark.slow
 
@@ -60,16 +60,8 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tiny_prepared, tm
     _run(_train(prepared, longer, tmp_path / "whole"))
 
     command = _train(prepared, longer, tmp_path / "killed")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     state = tmp_path / "killed" / "state" / "fold0.state.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if state.exists() and torch.load(state, weights_only=True)["epoch"] >= 2:
-            os.kill(process.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "training finished before it could be interrupted"
+    kill_when(command, lambda: state.exists() and torch.load(state, weights_only=True)["epoch"] >= 2)
     resumed = _run(command)
     assert "resuming after epoch" in resumed.stdout + resumed.stderr
     assert _scores(tmp_path / "killed") == _scores(tmp_path / "whole")

@@ -13,11 +13,13 @@ runner = CliRunner()
 def test_help_lists_one_command_per_stage_and_the_utilities():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("demo-data", "prepare", "data", "params"):
+    for command in ("demo-data", "prepare", "train-translator", "translate-cells", "train-classifier", "train-detector",
+                    "detect-splits", "evaluate", "compare", "predict", "translate", "data", "params"):
         assert command in result.output
 
 
-@pytest.mark.parametrize("command", [["demo-data"], ["prepare"], ["data", "import"], ["data", "report"], ["params", "overrides"]])
+@pytest.mark.parametrize("command", [["demo-data"], ["prepare"], ["data", "import"], ["data", "report"], ["params", "overrides"],
+                                     ["train-translator"], ["translate-cells"], ["evaluate"], ["compare"], ["predict"]])
 def test_every_command_explains_itself(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output and len(result.output) > 200
@@ -78,3 +80,17 @@ def test_gpu_profile_becomes_valid_dvc_overrides():
     result = runner.invoke(app, ["params", "overrides", str(REPO / "profiles" / "gpu.yaml"), "--params", str(REPO / "params.yaml")])
     assert result.exit_code == 0, result.output
     assert "-S 'prepare.crop.pixels=224'" in result.output and "-S 'demo_data.workers=16'" in result.output
+
+
+def test_predict_without_trained_models_says_what_to_run(tmp_path):
+    image = tmp_path / "smear.jpg"
+    image.write_bytes(b"")
+    result = runner.invoke(app, ["predict", str(image), "--out", str(tmp_path / "p.csv"), "--px-per-um", "10",
+                                 "--classifier", str(tmp_path / "nothing")])  # fmt: skip
+    assert result.exit_code == 1
+    assert "no fold models (run `dvc repro train_classifier`)" in result.output and "Traceback" not in result.output
+
+
+def test_translate_rejects_an_unknown_direction(tmp_path):
+    result = runner.invoke(app, ["translate", str(tmp_path), "--out", str(tmp_path / "o"), "--to", "sideways"])
+    assert result.exit_code == 1 and "--to: expected `target` or `source`" in result.output

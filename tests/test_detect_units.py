@@ -12,7 +12,8 @@ from mmengine.config import Config
 from mmengine.structures import InstanceData
 
 from hemaflow.detect.config import build_config, model_config
-from hemaflow.detect.metrics import best_giou_matches, cytologia_box_term, detection_metrics
+from hemaflow.detect.metrics import detection_metrics
+from hemaflow.metrics import best_giou_matches, cytologia_box_term
 from hemaflow.detect.predict import tile_origins
 from hemaflow.detect.train import reset_stale_work_dir
 from hemaflow.params import DetectorModelParams, DetectParams

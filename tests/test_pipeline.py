@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import pandas as pd
 import pytest
 import yaml
 
@@ -23,6 +24,7 @@ def workspace(tmp_path_factory):
     params["model"]["img_size"] = 32
     params["classify"].update(folds=1, epochs=2, batch_size=16)
     params["detect"].update(epochs=2, batch_size=4)
+    params["translate"]["cyclegan"].update(img_size=32, ngf=8, ndf=8, n_blocks=1, epochs=1, epochs_decay=1, batch_size=4)
     # start as a fresh clone would before its first run, on tiny params
     scratch_repository(REPO, work, skip=lambda name: name.startswith(("metrics/", "plots/")) or name == "dvc.lock",
                        files={"params.yaml": yaml.safe_dump(params, sort_keys=False)})  # fmt: skip
@@ -49,12 +51,20 @@ def test_repro_builds_everything_then_does_nothing(workspace):
     assert (work / "plots" / "data" / "class_by_domain.png").stat().st_size > 1000
     coco = json.loads((prepared / "coco" / "train.json").read_text())
     assert coco["categories"] == [{"id": 1, "name": "wbc"}] and coco["annotations"]
-    classify = json.loads((work / "metrics" / "classify.json").read_text())
-    assert classify["resolved_backbone"] == "resnet18" and "macro_f1" in classify["oof"]
-    assert (work / "models" / "classifier" / "fold0.safetensors").exists()
+    methods = ["none", "reinhard", "macenko", "cyclegan"]
+    for method in methods:
+        classify = json.loads((work / "metrics" / "classify" / f"{method}.json").read_text())
+        assert classify["resolved_backbone"] == "resnet18" and "macro_f1" in classify["oof"]
+        assert (work / "models" / "classifier" / method / "fold0.safetensors").exists()
+        evaluation = json.loads((work / "metrics" / "evaluate" / f"{method}.json").read_text())
+        assert evaluation["cells"] > 0 and 0 <= evaluation["cytologia_score"] <= 1
     detect = json.loads((work / "metrics" / "detect.json").read_text())
     assert {"val", "test"} <= set(detect) and 0 <= detect["val"]["AP50"] <= 1
     assert (work / "data" / "detections" / "test.csv").exists()
+    table = json.loads((work / "metrics" / "cross_domain.json").read_text())
+    assert set(table["macro_f1"]) == set(methods) and "wbc1 (test)" in table["macro_f1"]["none"]
+    assert (work / "plots" / "translate" / "umap.png").stat().st_size > 1000
+    assert "Cross-domain macro-F1" in (work / "reports" / "README.md").read_text()
 
     again = run(sys.executable, "-m", "dvc", "repro")
     assert "Data and pipelines are up to date" in again.stdout
@@ -78,6 +88,22 @@ def test_experiment_on_a_param_and_its_diffs(workspace):
 def test_the_users_vit_large_experiment(workspace):
     work, run = workspace
     run(sys.executable, "-m", "dvc", "exp", "run", "-S", "model.backbone=vit_large", "-S", "classify.epochs=1", "-n", "vit")
-    metrics = json.loads((work / "metrics" / "classify.json").read_text())
+    metrics = json.loads((work / "metrics" / "classify" / "cyclegan.json").read_text())
     assert metrics["resolved_backbone"] == "vit_large_patch16_224"
     assert "vit_large" in run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout
+
+
+def test_predict_writes_one_row_per_cell_and_annotated_images(workspace):
+    work, run = workspace
+    run(sys.executable, "-m", "dvc", "repro")
+    fields = work / "data" / "demo" / "wbc1_fields"
+    images = sorted(p for p in fields.iterdir() if p.suffix == ".jpg")
+    result = run(sys.executable, "-m", "hemaflow", "predict", str(fields), "--px-per-um", "11.52", "--out", "pred.csv",
+                 "--annotated", "annotated")  # fmt: skip
+    assert f"{len(images)} images" in result.stdout and "ms/image" in result.stdout
+    table = pd.read_csv(work / "pred.csv")
+    assert list(table.columns[:6]) == ["NAME", "x1", "y1", "x2", "y2", "class"]  # the CytologIA layout
+    classes = json.loads((work / "models" / "classifier" / "cyclegan" / "fold0.json").read_text())["classes"]
+    assert len(table) > 0 and set(table["class"]) <= set(classes)
+    assert ((table["x2"] > table["x1"]) & (table["y2"] > table["y1"])).all()
+    assert len(list((work / "annotated").glob("*.jpg"))) == len(images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -10,27 +11,63 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pandas as pd
+from typing import TYPE_CHECKING
 
-__all__ = ["atomic_dir", "write_csv", "write_json", "write_text"]
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["atomic_dir", "write_bytes", "write_csv", "write_figure", "write_image", "write_json", "write_tensors", "write_text"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def write_text(path: str | Path, text: str) -> None:
+def write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file through a temporary sibling and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_tensors(path: str | Path, tensors: dict) -> None:
+    """Save tensors as safetensors atomically (and readable like any output, unlike save_file's 0600)."""
+    from safetensors.torch import save
+
+    write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+def write_figure(path: str | Path, figure: Figure, dpi: int = 110) -> None:
+    """Save a matplotlib figure (format from the suffix) atomically and close it."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=Path(path).suffix[1:], dpi=dpi)
+    import matplotlib.pyplot as plt  # only plotting stages pay for the import
+
+    plt.close(figure)
+    write_bytes(path, buffer.getvalue())
+
+
+def write_image(path: str | Path, image: np.ndarray | Image.Image) -> None:
+    """Save an image (format from the suffix) atomically."""
+    buffer = io.BytesIO()
+    image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    image.save(buffer, format=Image.registered_extensions()[Path(path).suffix.lower()])
+    write_bytes(path, buffer.getvalue())
 
 
 def write_json(path: str | Path, data: object) -> None:

@@ -17,7 +17,7 @@ import yaml
 
 from hemaflow import __version__
 from hemaflow.errors import HemaflowError
-from hemaflow.params import DatasetFormat, Params, load_params, parse_params
+from hemaflow.params import AdaptationMethod, DatasetFormat, Params, load_params, parse_params
 
 app = typer.Typer(
     help="Reproducible white-blood-cell detection, stain translation and classification.",
@@ -117,6 +117,9 @@ def train_classifier(
     ),
     metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")] = Path("metrics/classify.json"),
     plots: Annotated[Path, typer.Option(help="Folder for curves and the confusion data.")] = Path("plots/classify"),
+    test_cells: Annotated[
+        Path | None, typer.Option(help="Folder whose role=test cells are scored [default: --cells].")
+    ] = None,
     state: Annotated[Path, typer.Option(help="Per-epoch training states, for resuming.")] = Path(
         ".cache/hemaflow/train_classifier"
     ),
@@ -132,16 +135,95 @@ def train_classifier(
 
     params = _load(params_file)
     with _user_errors():
-        run_training(params.model, params.classify, params.base.seed, cells, out, metrics, plots, state)
+        run_training(params.model, params.classify, params.base.seed, cells, test_cells or cells, out, metrics, plots,
+                     state)  # fmt: skip
+
+
+@app.command("train-translator")
+def train_translator(
+    prepared: Annotated[Path, typer.Option(help="Prepared folder (cells.csv + crops).")] = Path("data/prepared"),
+    out: Annotated[Path, typer.Option(help="Folder for the generators (.safetensors) and translator.json.")] = Path(
+        "models/translator"
+    ),
+    metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")] = Path("metrics/translator.json"),
+    plots: Annotated[Path, typer.Option(help="Folder for losses.csv and samples.png.")] = Path("plots/translator"),
+    state: Annotated[Path, typer.Option(help="Per-epoch training state, for resuming.")] = Path(
+        ".cache/hemaflow/train_translator"
+    ),
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Train CycleGAN from the labelled source cells to the unlabelled target cells (stage `train_translator`).
+
+    Recipe and sizes from `translate.cyclegan`; an interrupted run resumes after its last epoch.
+    """
+    from hemaflow.translate.train import train_translator as run_training
+
+    params = _load(params_file)
+    with _user_errors():
+        run_training(params.translate.cyclegan, params.base.seed, params.prepare.crop.pixels, prepared, out, metrics,
+                     plots, state)  # fmt: skip
+
+
+@app.command("translate-cells")
+def translate_cells(
+    method: Annotated[AdaptationMethod, typer.Option(help="How source cells are adapted to the target.")],
+    prepared: Annotated[Path, typer.Option(help="Prepared folder (cells.csv + crops).")] = Path("data/prepared"),
+    translator: Annotated[Path, typer.Option(help="Trained CycleGAN (method cyclegan only).")] = Path(
+        "models/translator"
+    ),
+    out: Annotated[Path | None, typer.Option(help="Output folder [default: data/translated/METHOD].")] = None,
+    metrics: Annotated[Path | None, typer.Option(help="[default: metrics/translate/METHOD.json]")] = None,
+    plots: Annotated[Path | None, typer.Option(help="[default: plots/translate/METHOD]")] = None,
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Write every labelled source cell in the target's look, labels kept (stage `translate@METHOD`).
+
+    Also scores the method: SSIM to the input (structure kept), KID to the target on a fixed
+    random ResNet-18 (look changed), a sample grid and a UMAP of the domains.
+    """
+    from hemaflow.translate.apply import translate_cells as run_translation
+
+    params = _load(params_file)
+    name = method.value
+    with _user_errors():
+        run_translation(method, params.translate.reference_cells, params.base.seed, prepared,
+                        translator if method is AdaptationMethod.cyclegan else None,
+                        out or Path("data/translated") / name, metrics or Path("metrics/translate") / f"{name}.json",
+                        plots or Path("plots/translate") / name)  # fmt: skip
+
+
+@app.command("translate")
+def translate(
+    images: Annotated[list[Path], typer.Argument(help="Single-cell images, or folders of them.")],
+    out: Annotated[Path, typer.Option(help="Folder for the translated images (PNG, same stem).")],
+    to: Annotated[str, typer.Option(help="Direction: `target` (source look -> target look) or `source`.")] = "target",
+    model: Annotated[Path, typer.Option(help="Folder of the trained translator.")] = Path("models/translator"),
+    px_per_um: Annotated[
+        float | None,
+        typer.Option(help="Scale of the images: crops them to the training field of view first (else used whole)."),
+    ] = None,
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Translate single-cell images with a trained CycleGAN generator."""
+    from hemaflow.translate.apply import translate_images
+
+    params = _load(params_file)
+    with _user_errors():
+        if to not in ("target", "source"):
+            raise HemaflowError(f"--to: expected `target` or `source`, got {to!r}")
+        errors = translate_images(images, model, f"to_{to}", params.prepare.crop, px_per_um, out, params.prepare.max_pixels)
+    for error in errors:
+        typer.echo(f"skipped {error}", err=True)
+    typer.echo(f"translated to the {to} look -> {out} ({len(errors)} skipped)")
 
 
 @app.command("classify")
 def classify(
     images: Annotated[list[Path], typer.Argument(help="Single-cell images, or folders of them.")],
     out: Annotated[Path, typer.Option(help="CSV to write: image, class, confidence, one column per class.")],
-    models: Annotated[Path, typer.Option(help="Folder of fold models from train-classifier.")] = Path(
-        "models/classifier"
-    ),
+    models: Annotated[
+        Path | None, typer.Option(help="Folder of fold models [default: models/classifier/<translate.method>].")
+    ] = None,
     px_per_um: Annotated[
         float | None,
         typer.Option(help="Scale of the images: crops them to the training field of view first (else used whole)."),
@@ -156,7 +238,8 @@ def classify(
     params = _load(params_file)
     with _user_errors():
         tta_views = params.classify.tta if tta else []
-        table = classify_images(images, models, params.prepare.crop, px_per_um, tta_views, params.prepare.max_pixels)
+        chosen = models or Path("models/classifier") / params.translate.method.value
+        table = classify_images(images, chosen, params.prepare.crop, px_per_um, tta_views, params.prepare.max_pixels)
         write_csv(out, table)
     typer.echo(f"{len(table)} images classified -> {out}")
 
@@ -221,6 +304,90 @@ def detect(
         table = detect_images(expand_images(images), params.detect, params.prepare.fields.px_per_um, model, px_per_um)
         write_csv(out, table)
     typer.echo(f"{table['image'].nunique()} images with boxes, {len(table)} boxes -> {out}")
+
+
+@app.command("evaluate")
+def evaluate(
+    method: Annotated[AdaptationMethod, typer.Option(help="Whose classifier: models/classifier/METHOD.")],
+    prepared: Annotated[Path, typer.Option(help="Prepared folder (images.csv, cells.csv).")] = Path("data/prepared"),
+    detector: Annotated[Path, typer.Option(help="Folder of the trained detector.")] = Path("models/detector"),
+    classifiers: Annotated[Path, typer.Option(help="Folder holding one classifier folder per method.")] = Path(
+        "models/classifier"
+    ),
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Score the test split end to end: detect, crop, classify (stage `evaluate@METHOD`).
+
+    Writes metrics/evaluate/METHOD.json (CytologIA score, box term, mean GIoU, macro-F1 on fine
+    classes and the five main types, per-class precision/recall/F1, per test domain),
+    plots/evaluate/METHOD/ (confusion, per-class F1) and data/evaluated/METHOD.csv (every cell).
+    """
+    from hemaflow.evaluate.evaluate import evaluate as run_evaluation
+
+    params = _load(params_file)
+    name = method.value
+    with _user_errors():
+        run_evaluation(params, name, prepared, detector, classifiers / name, Path("data/evaluated") / f"{name}.csv",
+                       Path("metrics/evaluate") / f"{name}.json", Path("plots/evaluate") / name)  # fmt: skip
+
+
+@app.command("compare")
+def compare(
+    metrics: Annotated[Path, typer.Option(help="The metrics folder the other stages wrote.")] = Path("metrics"),
+    report: Annotated[Path, typer.Option(help="Markdown report to write.")] = Path("reports/README.md"),
+    prepared: Annotated[Path, typer.Option(help="Prepared folder (the untranslated cells).")] = Path("data/prepared"),
+    translated: Annotated[Path, typer.Option(help="Folder of data/translated/METHOD outputs.")] = Path("data/translated"),
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Build the cross-domain table, the UMAP of the domains and the report (stage `compare`).
+
+    metrics/cross_domain.json: macro-F1 of every adaptation method in translate.methods on the
+    source domains (out-of-fold) and on each test domain (end to end); plots/cross_domain/;
+    plots/translate/umap.png (+ .csv): cells before and after each method's translation.
+    """
+    from hemaflow.evaluate.compare import compare as run_compare
+    from hemaflow.translate.domain import domain_map
+
+    params = _load(params_file)
+    methods = [m.value for m in params.translate.methods]
+    with _user_errors():
+        domain_map(prepared, translated, methods, params.base.seed, Path("plots/translate/umap.csv"),
+                   Path("plots/translate/umap.png"))  # fmt: skip
+        run_compare(methods, params.translate.method.value, metrics, metrics / "cross_domain.json",
+                    Path("plots/cross_domain"), report)  # fmt: skip
+    typer.echo(f"cross-domain table -> {metrics / 'cross_domain.json'}; report -> {report}")
+
+
+@app.command("predict")
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Smear images of any size, or folders of them.")],
+    out: Annotated[Path, typer.Option(help="CSV to write: NAME, x1, y1, x2, y2, class (+ scores, path).")],
+    px_per_um: Annotated[float, typer.Option(help="Pixels per micrometre of the images.")],
+    annotated: Annotated[Path | None, typer.Option(help="Folder for copies of the images with boxes and classes drawn.")] = None,
+    detector: Annotated[Path, typer.Option(help="Folder of the trained detector.")] = Path("models/detector"),
+    classifier: Annotated[
+        Path | None, typer.Option(help="Classifier folder [default: models/classifier/<translate.method>].")
+    ] = None,
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Find and classify every white cell: one CSV row per cell, in the CytologIA submission layout.
+
+    Detector (tiled on large images) -> crop at the training field of view -> classifier fold
+    ensemble with TTA; extra detectors (fused by WBF) and classifiers (probabilities averaged)
+    come from `predict` in params.yaml. Streams rows to disk, so folders of any size fit in memory.
+    """
+    from hemaflow.data.images import expand_images
+    from hemaflow.predict import CellPipeline, predict_folder
+
+    params = _load(params_file)
+    with _user_errors():
+        chosen = classifier or Path("models/classifier") / params.translate.method.value
+        pipeline = CellPipeline.load(params, detector, chosen, params.detect.device)
+        summary = predict_folder(pipeline, expand_images(images), px_per_um, out, annotated)
+    for skipped in summary["skipped"]:
+        typer.echo(f"skipped {skipped}", err=True)
+    speed = f"{summary['ms_per_image']:.1f} ms/image" if summary["ms_per_image"] else "no image read"
+    typer.echo(f"{summary['images']} images, {summary['cells']} cells -> {out} ({speed} on {pipeline.device.type})")
 
 
 @data_app.command("report")

@@ -18,23 +18,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hemaflow.errors import HemaflowError
 
 __all__ = [
+    "AdaptationMethod",
     "AugmentParams",
     "Balance",
     "BaseParams",
     "ClassifyParams",
     "CropParams",
+    "CycleGanParams",
     "DatasetFormat",
     "DatasetParams",
     "DemoDataParams",
     "DetectParams",
     "DetectorModelParams",
+    "EnsembleMember",
     "FieldParams",
     "ModelParams",
     "Params",
     "ParamsError",
     "Precision",
+    "PredictParams",
     "PrepareParams",
     "Role",
+    "TranslateParams",
     "load_params",
 ]
 
@@ -118,6 +123,9 @@ class FieldParams(_Section):
     """Smear fields for the detector."""
 
     px_per_um: PositiveFloat = 4.0  # the detector's pixel size: every field is resampled to it
+    # Share of training fields without white cells. When the data has fewer, fields with cells are
+    # copied with their cells painted out (Otsu mask + inpainting) until it is reached.
+    min_background: Annotated[float, Field(ge=0, lt=1)] = 0.1
 
 
 class PrepareParams(_Section):
@@ -231,10 +239,73 @@ class DetectParams(_Section):
     lr: PositiveFloat = 0.004
     weight_decay: Annotated[float, Field(ge=0)] = 0.05
     warmup_iters: Annotated[int, Field(ge=0)] = 30
+    color_augment: bool = True  # random brightness, contrast, saturation, hue: robustness to other stains
     score_threshold: Fraction = 0.3  # detections kept in the CSVs and used for matching
     tile_overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5  # of a tile's side: above the largest cell
     num_workers: Annotated[int, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class AdaptationMethod(str, Enum):
+    """How labelled source cells are brought to the target domain's look before training."""
+
+    none = "none"  # the source cells as they are
+    reinhard = "reinhard"  # LAB mean/std matched to the target (Reinhard et al. 2001)
+    macenko = "macenko"  # two-stain optical-density matching (Macenko et al. 2009)
+    cyclegan = "cyclegan"  # unpaired image-to-image translation (Zhu et al. 2017)
+
+
+class CycleGanParams(_Section):
+    """The CycleGAN translator. Defaults are the reference recipe (junyanz/pytorch-CycleGAN-and-pix2pix);
+    params.yaml sizes it down for the CPU demo and profiles/gpu.yaml brings it back."""
+
+    img_size: Annotated[int, Field(ge=16, multiple_of=4)] = 256  # crops are resized to it for translation
+    ngf: PositiveInt = 64  # generator filters in the first layer
+    ndf: PositiveInt = 64  # discriminator filters in the first layer
+    n_blocks: PositiveInt = 9  # residual blocks of the generator (6 for 128 px in the reference)
+    upsample: Literal["transpose", "resize"] = "transpose"  # resize + conv avoids checkerboard artefacts
+    epochs: PositiveInt = 100  # at the initial learning rate
+    epochs_decay: Annotated[int, Field(ge=0)] = 100  # then linearly down to zero
+    batch_size: PositiveInt = 1
+    lr: PositiveFloat = 2e-4
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    lambda_cycle: Annotated[float, Field(ge=0)] = 10.0
+    lambda_identity: Annotated[float, Field(ge=0)] = 0.5  # times lambda_cycle
+    pool_size: Annotated[int, Field(ge=0)] = 50
+    precision: Precision = Precision.bf16  # autocast on GPU; CPU trains in fp32
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: Annotated[int, Field(ge=0)] = 0
+
+
+class TranslateParams(_Section):
+    """Stain adaptation of the labelled source cells (``train-translator``, ``translate``)."""
+
+    method: AdaptationMethod = AdaptationMethod.cyclegan  # the one `hemaflow predict` and the headline use
+    methods: list[AdaptationMethod] = Field(default_factory=lambda: list(AdaptationMethod))  # compared side by side
+    reference_cells: PositiveInt = 256  # target cells that Reinhard and Macenko are fitted on
+    cyclegan: CycleGanParams = CycleGanParams()
+
+    @model_validator(mode="after")
+    def _method_is_compared(self) -> TranslateParams:
+        if self.method not in self.methods:
+            raise ValueError(f"translate.method={self.method.value} is not in translate.methods")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError("translate.methods lists a method twice")
+        return self
+
+
+class EnsembleMember(_Section):
+    path: str  # a model folder (models/detector, models/classifier/<method>, or a user's)
+    weight: Annotated[float, Field(ge=0)] = 1.0
+
+
+class PredictParams(_Section):
+    """End-to-end prediction (``evaluate``, ``hemaflow predict``): detector(s), then classifier(s)."""
+
+    extra_detectors: list[EnsembleMember] = Field(default_factory=list)  # boxes fused by weighted box fusion
+    extra_classifiers: list[EnsembleMember] = Field(default_factory=list)  # probabilities averaged by weight
+    wbf_iou: Annotated[float, Field(gt=0, lt=1)] = 0.55  # boxes overlapping more than this are fused
+    batch_size: PositiveInt = 16  # images per detector batch and crops per classifier batch
 
 
 class Params(_Section):
@@ -246,6 +317,8 @@ class Params(_Section):
     model: ModelParams = ModelParams()
     classify: ClassifyParams = ClassifyParams()
     detect: DetectParams = DetectParams()
+    translate: TranslateParams = TranslateParams()
+    predict: PredictParams = PredictParams()
 
     @model_validator(mode="after")
     def _classifier_folds_exist(self) -> Params:

@@ -44,17 +44,24 @@ def build_transform(img_size: int, mean: Sequence[float], std: Sequence[float], 
 
 
 class CellDataset(Dataset):
-    """Crops (paths) with integer labels (-1: unknown); returns (C x H x W float tensor, label)."""
+    """Crops (paths, or RGB uint8 arrays already in memory) with integer labels (-1: unknown).
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int], transform: A.Compose):
-        self.paths, self.labels, self.transform = list(paths), list(labels), transform
+    Returns (C x H x W float tensor, label).
+    """
+
+    def __init__(self, crops: Sequence[Path | np.ndarray], labels: Sequence[int], transform: A.Compose):
+        self.crops, self.labels, self.transform = list(crops), list(labels), transform
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.crops)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.paths[index]) as image:
-            array = np.asarray(image.convert("RGB"))
+        crop = self.crops[index]
+        if isinstance(crop, np.ndarray):
+            array = crop
+        else:
+            with Image.open(crop) as image:
+                array = np.asarray(image.convert("RGB"))
         array = self.transform(image=array)["image"]
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), self.labels[index]
 

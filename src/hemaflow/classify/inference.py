@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import pandas as pd
 import torch
-from PIL import Image
 
-from hemaflow.classify.predict import load_ensemble, predict_paths
+from hemaflow.classify.predict import load_ensemble, predict_crops
 from hemaflow.data.images import ImageRejected, expand_images, load_rgb
 from hemaflow.data.scale import crop_cell
 from hemaflow.params import CropParams
@@ -26,22 +25,20 @@ def classify_images(
     classes = ensemble[0][1].classes
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows, usable = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for index, path in enumerate(expand_images(inputs)):
-            try:
-                rgb, _, _ = load_rgb(path, max_pixels)
-            except ImageRejected as exc:
-                rows.append({"image": str(path), "class": "", "confidence": None, "error": f"{exc.reason}: {exc}"})
-                continue
-            if px_per_um is not None:  # bring the cell to the training field of view first
-                rgb, _ = crop_cell(rgb, None, px_per_um, crop.fov_um, crop.pixels, 0)
-            staged = Path(tmp) / f"{index:07d}.png"
-            Image.fromarray(rgb).save(staged)
-            usable.append((len(rows), staged))
-            rows.append({"image": str(path), "class": "", "confidence": None, "error": ""})
-        if usable:
-            probabilities = predict_paths(ensemble, [p for _, p in usable], tta, device, progress=True)
-            for (row, _), p in zip(usable, probabilities, strict=True):
-                rows[row] |= {"class": classes[int(p.argmax())], "confidence": float(p.max())}
-                rows[row] |= {f"p_{name}": float(v) for name, v in zip(classes, p, strict=True)}
+    for path in expand_images(inputs):
+        try:
+            rgb, _, _ = load_rgb(path, max_pixels)
+        except ImageRejected as exc:
+            rows.append({"image": str(path), "class": "", "confidence": None, "error": f"{exc.reason}: {exc}"})
+            continue
+        if px_per_um is not None:  # bring the cell to the training field of view first
+            rgb, _ = crop_cell(rgb, None, px_per_um, crop.fov_um, crop.pixels, 0)
+        side = ensemble[0][1].img_size  # what the models' transform resizes to anyway: keeps memory small
+        usable.append((len(rows), cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA)))
+        rows.append({"image": str(path), "class": "", "confidence": None, "error": ""})
+    if usable:
+        probabilities = predict_crops(ensemble, [rgb for _, rgb in usable], tta, device, progress=True)
+        for (row, _), p in zip(usable, probabilities, strict=True):
+            rows[row] |= {"class": classes[int(p.argmax())], "confidence": float(p.max())}
+            rows[row] |= {f"p_{name}": float(v) for name, v in zip(classes, p, strict=True)}
     return pd.DataFrame(rows)

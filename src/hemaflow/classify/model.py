@@ -13,10 +13,10 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from hemaflow._io import write_json
+from hemaflow._io import write_json, write_tensors
 from hemaflow.errors import HemaflowError
 from hemaflow.params import ModelParams
 
@@ -119,10 +119,7 @@ def create_classifier(params: ModelParams, num_classes: int) -> tuple[nn.Module,
 
 def save_classifier(model: nn.Module, card: ModelCard, stem: Path) -> None:
     """Write ``stem.safetensors`` and ``stem.json`` (each atomically)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stem.with_name(f".{stem.name}.safetensors.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
-    tmp.replace(stem.with_suffix(".safetensors"))
+    write_tensors(stem.with_suffix(".safetensors"), model.state_dict())
     write_json(stem.with_suffix(".json"), asdict(card))
 
 

@@ -15,7 +15,7 @@ from hemaflow.classify.data import CellDataset, build_transform
 from hemaflow.classify.model import ModelCard, load_classifier
 from hemaflow.errors import HemaflowError
 
-__all__ = ["average_probabilities", "load_ensemble", "predict_probabilities", "predict_paths"]
+__all__ = ["average_probabilities", "load_ensemble", "predict_crops", "predict_probabilities"]
 
 FLIPS = {"hflip": [3], "vflip": [2]}  # tensor dims flipped (N, C, H, W)
 
@@ -59,18 +59,18 @@ def load_ensemble(model_dir: Path) -> list[tuple[nn.Module, ModelCard]]:
     return ensemble
 
 
-def predict_paths(
+def predict_crops(
     ensemble: list[tuple[nn.Module, ModelCard]],
-    paths: Sequence[Path],
+    crops: Sequence[Path | np.ndarray],
     tta: Sequence[str],
     device: torch.device,
     batch_size: int = 64,
     progress: bool = False,
 ) -> np.ndarray:
-    """Ensemble-averaged probabilities for crop images (N x classes)."""
+    """Ensemble-averaged probabilities for crops (image files or RGB uint8 arrays), N x classes."""
     results = []
     for model, card in ensemble:
-        dataset = CellDataset(paths, [-1] * len(paths), build_transform(card.img_size, card.mean, card.std, None))
+        dataset = CellDataset(crops, [-1] * len(crops), build_transform(card.img_size, card.mean, card.std, None))
         loader = DataLoader(dataset, batch_size=batch_size)
         results.append(predict_probabilities(model.to(device), loader, device, tta, progress))
     return average_probabilities(results)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from hemaflow._io import write_csv, write_json
 from hemaflow.classify.data import CellDataset, EpochSampler, build_transform, class_weights
 from hemaflow.classify.model import ModelCard, create_classifier, resolve_backbone, save_classifier
-from hemaflow.classify.predict import load_ensemble, predict_paths, predict_probabilities
+from hemaflow.classify.predict import load_ensemble, predict_crops, predict_probabilities
 from hemaflow.data.classes import load_class_matrix
 from hemaflow.errors import HemaflowError
 from hemaflow.metrics import classification_metrics
@@ -208,14 +208,17 @@ def train_classifier(
     params: ClassifyParams,
     seed: int,
     cells_dir: Path,
+    test_dir: Path,
     out: Path,
     metrics: Path,
     plots: Path,
     state_dir: Path,
 ) -> None:
-    """Train the fold models on ``cells_dir/cells.csv``; write models, metrics and plots.
+    """Train the fold models on the source cells of ``cells_dir/cells.csv``; write models, metrics and plots.
 
-    ``state_dir`` keeps per-epoch training states so that an interrupted run resumes.
+    The ensemble is scored on the role=test cells of ``test_dir/cells.csv`` (the untranslated
+    prepared cells when ``cells_dir`` holds translated ones). ``state_dir`` keeps per-epoch
+    training states so that an interrupted run resumes.
     """
     runtime = _runtime(params.device)
     cells = pd.read_csv(cells_dir / "cells.csv", keep_default_na=False)
@@ -256,21 +259,20 @@ def train_classifier(
         model.to(runtime.device)
         write_csv(_curve_file(plots, fold), pd.DataFrame(history))
     if runtime.main:
-        _report(cells, classes, pd.concat(oof_rows), fold_scores, speeds, model_params, params, cells_dir, out, metrics, plots, runtime)
+        _report(classes, pd.concat(oof_rows), fold_scores, speeds, model_params, params, test_dir, out, metrics, plots, runtime)
         for state in state_dir.glob("fold*.state.pt"):
             state.unlink()
     runtime.barrier()
 
 
 def _report(
-    cells: pd.DataFrame,
     classes: list[str],
     oof: pd.DataFrame,
     fold_scores: dict,
     speeds: list[float],
     model_params: ModelParams,
     params: ClassifyParams,
-    cells_dir: Path,
+    test_dir: Path,
     out: Path,
     metrics: Path,
     plots: Path,
@@ -287,10 +289,11 @@ def _report(
         "folds": {k: _summary(v) for k, v in fold_scores.items()},
         "train_images_per_second": float(np.mean(speeds)) if speeds else None,  # None: all resumed
     }
+    cells = pd.read_csv(test_dir / "cells.csv", keep_default_na=False)
     test = cells[(cells["role"] == "test") & (cells["fine_class"] != "")]
     if not test.empty:
         ensemble = load_ensemble(out)
-        probabilities = predict_paths(ensemble, [cells_dir / p for p in test["crop"]], params.tta, runtime.device)
+        probabilities = predict_crops(ensemble, [test_dir / p for p in test["crop"]], params.tta, runtime.device)
         predicted = [classes[i] for i in probabilities.argmax(1)]
         fine = classification_metrics(list(test["fine_class"]), predicted)
         coarse = classification_metrics([coarse_of[c] for c in test["fine_class"]], [coarse_of[c] for c in predicted])

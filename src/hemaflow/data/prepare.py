@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from hemaflow._io import atomic_dir, write_csv
+from hemaflow.data.backgrounds import erase_cells
 from hemaflow.data.classes import ClassMatrix, load_class_matrix
 from hemaflow.data.folds import assign_folds
 from hemaflow.data.formats import Annotation, Box, Finding, read_dataset
@@ -236,6 +237,28 @@ def _coco(images: pd.DataFrame, cells: pd.DataFrame, factor_of: dict[str, float]
     return {"images": coco_images, "annotations": annotations, "categories": [{"id": 1, "name": "wbc"}]}
 
 
+def _derive_backgrounds(
+    train: pd.DataFrame, cells: pd.DataFrame, params: PrepareParams, out: Path, factor_of: dict[str, float], seed: int
+) -> tuple[pd.DataFrame, list[Finding]]:
+    """Extra background fields (rows like ``train``'s) so that ``fields.min_background`` is reached."""
+    with_cells = train[train["image"].isin(cells["image"])]
+    share = params.fields.min_background
+    needed = int(np.ceil((share * len(train) - (len(train) - len(with_cells))) / (1 - share)))
+    if needed <= 0 or with_cells.empty:
+        return train.iloc[:0], []
+    chosen = with_cells.sample(n=min(needed, len(with_cells)), random_state=seed)
+    rows, findings = [], []
+    for row in chosen.itertuples():
+        boxes = cells.loc[cells["image"] == row.image, ["x1", "y1", "x2", "y2"]].to_numpy(float) * factor_of[row.dataset]
+        field = np.asarray(Image.open(out / row.field).convert("RGB"))
+        name = row.field.replace(".png", "__background.png")
+        Image.fromarray(erase_cells(field, boxes)).save(out / name)
+        rows.append(row._asdict() | {"image": name, "field": name})
+        findings.append(Finding(f"{row.dataset}/{row.image}", name, "derived", "background_field",
+                                "white cells painted out (Otsu mask + inpainting) for a training background field"))  # fmt: skip
+    return pd.DataFrame(rows).drop(columns="Index"), findings
+
+
 def prepare(params: PrepareParams, seed: int, out: Path, metrics: Path, plots: Path) -> None:
     """Build the unified dataset from the datasets listed in ``params`` (see the module docstring)."""
     matrix = load_class_matrix()
@@ -295,14 +318,19 @@ def prepare(params: PrepareParams, seed: int, out: Path, metrics: Path, plots: P
         cells = cells.merge(images[["image", "fold", "split"]], on="image", how="left")[CELL_COLUMNS]
         write_csv(staging / "cells.csv", cells)
         write_csv(staging / "images.csv", images)
-        findings_frame = pd.DataFrame([f.__dict__ for f in findings], columns=["file", "row", "action", "reason", "detail"])
-        write_csv(staging / "findings.csv", findings_frame)
         factor_of = {d.name: params.fields.px_per_um / d.px_per_um for d in params.datasets}
         fields = images[images["field"] != ""]
         field_cells = cells[cells["image"].isin(fields["image"])]
+        train_fields = fields[fields["split"] == "train"]
+        derived, derived_findings = _derive_backgrounds(train_fields, field_cells, params, staging, factor_of, seed)
+        findings += derived_findings
+        findings_frame = pd.DataFrame([f.__dict__ for f in findings], columns=["file", "row", "action", "reason", "detail"])
+        write_csv(staging / "findings.csv", findings_frame)
         (staging / "coco").mkdir()
         for split in ("train", "val", "test", "target"):
             chosen = fields[fields["split"] == split]
+            if split == "train":
+                chosen = pd.concat([chosen, derived], ignore_index=True)
             coco = _coco(chosen, field_cells[field_cells["image"].isin(chosen["image"])], factor_of)
             (staging / "coco" / f"{split}.json").write_text(json.dumps(coco))
     write_data_metrics(cells, images, findings_frame, matrix, metrics, plots)

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from hemaflow._io import write_csv, write_json  # noqa: E402
+from hemaflow._io import write_csv, write_figure, write_json  # noqa: E402
 from hemaflow.data.classes import ClassMatrix  # noqa: E402
 
 __all__ = ["format_report", "missing_classes", "write_data_metrics"]
@@ -84,8 +84,7 @@ def _heatmap(labelled: pd.DataFrame, matrix: ClassMatrix, path: Path) -> None:
         ax.text(j, i, str(n), ha="center", va="center", fontsize=8, color="black" if n < grid.to_numpy().max() / 2 else "white")
     ax.set_title("labelled cells per fine class and domain")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_figure(path, fig)
 
 
 def format_report(prepared: Path, limit: int = 50) -> str:
@@ -102,7 +101,7 @@ def format_report(prepared: Path, limit: int = 50) -> str:
     lines += ["", f"Findings: {len(findings)} (all in {prepared / 'findings.csv'})"]
     if not findings.empty:
         lines.append(findings.groupby(["action", "reason"]).size().rename("rows").to_string())
-        order = {"rejected": 0, "repaired": 1, "clipped": 2, "unlabelled": 3, "converted": 4}
+        order = {"rejected": 0, "repaired": 1, "clipped": 2, "unlabelled": 3, "converted": 4, "derived": 5}
         ranked = findings.assign(rank=findings["action"].map(order)).sort_values("rank", kind="stable")
         lines.append("")
         lines += [f"  {r.action:<10} {r.file} [{r.row}] {r.reason}: {r.detail}" for r in ranked.head(limit).itertuples()]

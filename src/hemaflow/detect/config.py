@@ -193,6 +193,7 @@ def build_config(params: DetectParams, seed: int, prepared: Path, work_dir: Path
     train_pipeline = [
         {"type": "LoadImageFromFile"},
         {"type": "LoadAnnotations", "with_bbox": True},
+        *([{"type": "PhotoMetricDistortion"}] if params.color_augment else []),
         {"type": "RandomResize", "scale": (size, size), "ratio_range": (0.8, 1.25), "keep_ratio": True},
         {"type": "RandomCrop", "crop_size": (size, size), "allow_negative_crop": True},
         {"type": "RandomFlip", "prob": 0.5, "direction": ["horizontal", "vertical"]},
@@ -203,7 +204,7 @@ def build_config(params: DetectParams, seed: int, prepared: Path, work_dir: Path
     evaluator = {"type": "CocoMetric", "ann_file": str(prepared / "coco" / "val.json"), "metric": "bbox",
                  "format_only": False}  # fmt: skip
     warmup = min(params.warmup_iters, 1000)
-    return {
+    config = {
         "default_scope": "mmdet",
         "model": model_config(params.model),
         "train_dataloader": loader | {
@@ -250,3 +251,7 @@ def build_config(params: DetectParams, seed: int, prepared: Path, work_dir: Path
         "resume": True,
         "launcher": launcher,
     }  # fmt: skip
+    if launcher != "none":  # DDP that accepts CPU modules (gloo) as well as GPU ones (hemaflow.detect.train)
+        config["model_wrapper_cfg"] = {"type": "DeviceAwareDDP", "broadcast_buffers": False,
+                                       "find_unused_parameters": params.model.arch == "faster_rcnn"}  # fmt: skip
+    return config

@@ -1,7 +1,4 @@
-"""Box metrics: COCO AP (pycocotools), recall, mean GIoU of matches, the CytologIA box term.
-
-Pure functions over arrays of boxes ``x1, y1, x2, y2`` in the same pixel frame.
-"""
+"""Detector metrics: COCO AP (pycocotools), recall, mean GIoU of matches, the CytologIA box term."""
 
 from __future__ import annotations
 
@@ -13,42 +10,10 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torchvision.ops import box_iou, generalized_box_iou
 
-__all__ = ["best_giou_matches", "cytologia_box_term", "detection_metrics"]
+from hemaflow.metrics import Boxes, best_giou_matches, cytologia_box_term
 
-Boxes = np.ndarray  # (N, 4) float
-
-
-def _pairwise(fn, truth: Boxes, predicted: Boxes) -> np.ndarray:
-    if len(truth) == 0 or len(predicted) == 0:
-        return np.zeros((len(truth), len(predicted)))
-    return fn(torch.as_tensor(truth, dtype=torch.float64), torch.as_tensor(predicted, dtype=torch.float64)).numpy()
-
-
-def best_giou_matches(truth: Boxes, predicted: Boxes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each true box: the index of the prediction with the highest GIoU (-1: none), its GIoU and IoU.
-
-    Row-wise argmax after removing duplicate predictions, as the CytologIA evaluation does (not
-    a one-to-one Hungarian matching: two true boxes may pick the same prediction).
-    """
-    predicted = np.unique(np.asarray(predicted, dtype=np.float64).reshape(-1, 4), axis=0)
-    giou = _pairwise(generalized_box_iou, truth, predicted)
-    iou = _pairwise(box_iou, truth, predicted)
-    if giou.shape[1] == 0:
-        return np.full(len(truth), -1), np.full(len(truth), -1.0), np.zeros(len(truth))
-    best = giou.argmax(1)
-    rows = np.arange(len(truth))
-    return best, giou[rows, best], iou[rows, best]
-
-
-def cytologia_box_term(pairs: list[tuple[Boxes, Boxes]]) -> float:
-    """Mean over every true box of (best GIoU + 1) / 2; a true box with no prediction scores 0."""
-    scores = []
-    for truth, predicted in pairs:
-        best, giou, _ = best_giou_matches(truth, predicted)
-        scores += [0.0 if b < 0 else (g + 1) / 2 for b, g in zip(best, giou, strict=True)]
-    return float(np.mean(scores)) if scores else float("nan")
+__all__ = ["detection_metrics"]
 
 
 def _coco_ap(coco_truth: dict, predictions: Mapping[str, tuple[Boxes, np.ndarray]]) -> dict[str, float]:

@@ -18,16 +18,38 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from mmengine.config import Config
+from mmengine.model import MMDistributedDataParallel
+from mmengine.registry import MODEL_WRAPPERS
 from mmengine.runner import CheckpointLoader, Runner
-from safetensors.torch import save_file
 
-from hemaflow._io import write_csv, write_json
+from hemaflow._io import write_csv, write_json, write_tensors
 from hemaflow.detect.config import build_config
 from hemaflow.errors import HemaflowError
 from hemaflow.params import DetectParams
 
 __all__ = ["checkpoint_loader", "reset_stale_work_dir", "train_detector"]
+
+
+@MODEL_WRAPPERS.register_module(name="DeviceAwareDDP", force=True)
+class DeviceAwareDDP(MMDistributedDataParallel):
+    """mmengine's DDP wrapper that also runs on CPU (gloo).
+
+    mmengine 0.10.7 always passes ``device_ids=[LOCAL_RANK]``, which torch's DDP rejects for a
+    module on the CPU; a CPU module gets ``device_ids=None`` instead.
+    """
+
+    def __init__(self, module: torch.nn.Module, device_ids: list[int] | None = None, **kwargs):
+        on_cpu = next(module.parameters()).device.type == "cpu"
+        super().__init__(module=module, device_ids=None if on_cpu else device_ids, **kwargs)
+
+
+def _init_cpu_process_group() -> None:
+    """Under torchrun on CPU, start the gloo group here: mmengine's own init calls torch.cuda.set_device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+
 
 def checkpoint_loader(trusted_dir: Path):
     """An mmengine checkpoint loader that unpickles only checkpoints our own runner wrote.
@@ -124,6 +146,7 @@ def train_detector(params: DetectParams, seed: int, prepared: Path, work_dir: Pa
     config = build_config(params, seed, prepared, work_dir, launcher)
     if device == "cpu":
         config["env_cfg"]["dist_cfg"]["backend"] = "gloo"
+        _init_cpu_process_group()
     annotations = json.loads((prepared / "coco" / "train.json").read_text())["annotations"]
     if not annotations:
         raise HemaflowError(f"{prepared / 'coco' / 'train.json'}: no training boxes (are there smear-field datasets?)")
@@ -134,13 +157,15 @@ def train_detector(params: DetectParams, seed: int, prepared: Path, work_dir: Pa
     ).hexdigest()
     if int(os.environ.get("RANK", "0")) == 0 and reset_stale_work_dir(work_dir, fingerprint):
         print(f"{work_dir}: params or data changed since its checkpoints; training from the start")
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks must not read the work dir while rank 0 empties it
     runner = Runner.from_cfg(Config(config))
     runner.train()
     if runner.rank == 0:
         checkpoint = checkpoint_loader(work_dir)(str(_best_checkpoint(work_dir)), "cpu")
         out.mkdir(parents=True, exist_ok=True)
         # RTMDet shares its head convs across levels; safetensors stores each name separately
-        save_file({k: v.clone().contiguous() for k, v in checkpoint["state_dict"].items()}, out / "best.safetensors")
+        write_tensors(out / "best.safetensors", {k: v.clone() for k, v in checkpoint["state_dict"].items()})
         write_json(out / "best.json", {"config": config, "input_px": params.input_px, "epoch": checkpoint["meta"].get("epoch")})
         write_csv(plots / "curves.csv", _curves(work_dir))
     return config

@@ -35,7 +35,7 @@ class Finding:
 
     file: str
     row: str
-    action: str  # rejected | repaired | clipped | converted | unlabelled
+    action: str  # rejected | repaired | clipped | converted | unlabelled | derived
     reason: str  # short code, counted in metrics/data.json
     detail: str
 

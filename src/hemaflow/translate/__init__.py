@@ -1,0 +1,1 @@
+"""Stain translation: CycleGAN, Reinhard and Macenko, applied to the labelled source cells."""
