@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import yaml
@@ -93,12 +95,17 @@ def test_the_users_vit_large_experiment(workspace):
     assert "vit_large" in run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout
 
 
-def test_predict_writes_one_row_per_cell_and_annotated_images(workspace):
+def test_predict_writes_one_row_per_detected_cell_and_annotated_images(workspace):
     work, run = workspace
     run(sys.executable, "-m", "dvc", "repro")
-    fields = work / "data" / "demo" / "wbc1_fields"
-    images = sorted(p for p in fields.iterdir() if p.suffix == ".jpg")
-    result = run(sys.executable, "-m", "hemaflow", "predict", str(fields), "--px-per-um", "11.52", "--out", "pred.csv",
+    # the tiny test detector scores low: keep every box it proposes, so the CSV has rows to check
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["detect"]["score_threshold"] = 0.001
+    (work / "loose.yaml").write_text(yaml.safe_dump(params))
+    fields = work / "data" / "demo" / "wbc1_fields" / "images"
+    images = sorted(fields.glob("*.jpg"))
+    common = ("--px-per-um", "11.52", "--params", "loose.yaml")
+    result = run(sys.executable, "-m", "hemaflow", "predict", str(fields), *common, "--out", "pred.csv",
                  "--annotated", "annotated")  # fmt: skip
     assert f"{len(images)} images" in result.stdout and "ms/image" in result.stdout
     table = pd.read_csv(work / "pred.csv")
@@ -106,4 +113,8 @@ def test_predict_writes_one_row_per_cell_and_annotated_images(workspace):
     classes = json.loads((work / "models" / "classifier" / "cyclegan" / "fold0.json").read_text())["classes"]
     assert len(table) > 0 and set(table["class"]) <= set(classes)
     assert ((table["x2"] > table["x1"]) & (table["y2"] > table["y1"])).all()
+    run(sys.executable, "-m", "hemaflow", "detect", str(fields), *common, "--out", "boxes.csv")
+    boxes = pd.read_csv(work / "boxes.csv")
+    per_image = table.groupby("NAME").size().to_dict()
+    assert per_image == {Path(name).name: n for name, n in boxes.groupby("image").size().items()}
     assert len(list((work / "annotated").glob("*.jpg"))) == len(images)

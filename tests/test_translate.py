@@ -105,8 +105,8 @@ def test_ssim_and_kid_tell_similar_from_different():
 
 def _tiny_gan_params(params_file, tmp_path, **cyclegan):
     data = yaml.safe_load(params_file.read_text())
-    data["translate"]["cyclegan"].update(img_size=32, ngf=8, ndf=8, n_blocks=1, epochs=1, epochs_decay=1, batch_size=4,
-                                         **cyclegan)  # fmt: skip
+    tiny = {"img_size": 32, "ngf": 8, "ndf": 8, "n_blocks": 1, "epochs": 1, "epochs_decay": 1, "batch_size": 4}
+    data["translate"]["cyclegan"].update(tiny | cyclegan)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -80,12 +80,9 @@ class CellPipeline:
     def __call__(self, rgb: np.ndarray, px_per_um: float) -> Prediction:
         detect, crop, predict = self.params.detect, self.params.prepare.crop, self.params.predict
         height, width = rgb.shape[:2]
-        found = []
-        for detector in self.detectors:
-            boxes, scores = detector(rgb, px_per_um, detect.tile_overlap, predict.batch_size)
-            found.append((np.clip(boxes, 0, [width, height, width, height]), scores))
+        found = [detector(rgb, px_per_um, detect.tile_overlap, predict.batch_size) for detector in self.detectors]
         boxes, scores = fuse_boxes(found, self.detector_weights, width, height, predict.wbf_iou)
-        keep = (scores >= detect.score_threshold) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        keep = scores >= detect.score_threshold
         boxes, scores = boxes[keep], scores[keep]
         if len(boxes) == 0:
             return Prediction(boxes, scores, [], np.zeros(0))

@@ -187,9 +187,13 @@ def _dataset(prepared: Path, split: str, pipeline: list[dict], train: bool) -> d
     }
 
 
-def build_config(params: DetectParams, seed: int, prepared: Path, work_dir: Path, launcher: str = "none") -> dict:
+def build_config(params: DetectParams, seed: int, prepared: Path, work_dir: Path, launcher: str = "none",
+                 device: str = "cpu") -> dict:
     """The complete runner config: model, data, schedule, evaluation, hooks, runtime."""
     size = params.input_px
+    model = model_config(params.model)
+    if model["type"] == "RTMDet":  # RTMDet turns its BN into SyncBN under DDP, which exists only on CUDA
+        model["use_syncbn"] = device == "cuda"
     train_pipeline = [
         {"type": "LoadImageFromFile"},
         {"type": "LoadAnnotations", "with_bbox": True},
@@ -206,7 +210,7 @@ def build_config(params: DetectParams, seed: int, prepared: Path, work_dir: Path
     warmup = min(params.warmup_iters, 1000)
     config = {
         "default_scope": "mmdet",
-        "model": model_config(params.model),
+        "model": model,
         "train_dataloader": loader | {
             "batch_size": params.batch_size,
             "sampler": {"type": "DefaultSampler", "shuffle": True},
@@ -240,7 +244,7 @@ def build_config(params: DetectParams, seed: int, prepared: Path, work_dir: Path
                            "rule": "greater"},
             "sampler_seed": {"type": "DistSamplerSeedHook"},
         },
-        "env_cfg": {"cudnn_benchmark": False, "dist_cfg": {"backend": "nccl"}},
+        "env_cfg": {"cudnn_benchmark": False, "dist_cfg": {"backend": "nccl" if device == "cuda" else "gloo"}},
         "randomness": {"seed": seed, "deterministic": False},
         "vis_backends": [{"type": "LocalVisBackend"}],
         "visualizer": {"type": "DetLocalVisualizer", "vis_backends": [{"type": "LocalVisBackend"}], "name": "visualizer"},

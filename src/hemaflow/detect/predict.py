@@ -90,7 +90,8 @@ class Detector:
     def __call__(
         self, image: np.ndarray, px_per_um: float, overlap: float = 0.25, batch_size: int = 8
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Boxes (x1, y1, x2, y2 in ``image`` pixels) and scores for one RGB image of any size."""
+        """Boxes (x1, y1, x2, y2 in ``image`` pixels, inside it, at least 1 px wide and high) and scores
+        for one RGB image of any size."""
         factor = self.px_per_um / px_per_um
         scaled = rescale(image, factor)
         height, width = scaled.shape[:2]
@@ -117,4 +118,7 @@ class Detector:
             )
             boxes = np.asarray(boxes).reshape(-1, 4) * normaliser
             scores = np.asarray(scores)
-        return np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / factor, np.asarray(scores, dtype=np.float64)
+        boxes = np.clip(np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / factor, 0, [*image.shape[1::-1]] * 2)
+        # a box under one pixel is no cell, and rounding in the CSVs would turn it into an empty one
+        real = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
+        return boxes[real], np.asarray(scores, dtype=np.float64)[real]

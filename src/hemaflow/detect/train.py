@@ -143,9 +143,8 @@ def train_detector(params: DetectParams, seed: int, prepared: Path, work_dir: Pa
     _check_ops(device)
     _register_loader(work_dir)
     launcher = "pytorch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
-    config = build_config(params, seed, prepared, work_dir, launcher)
+    config = build_config(params, seed, prepared, work_dir, launcher, device)
     if device == "cpu":
-        config["env_cfg"]["dist_cfg"]["backend"] = "gloo"
         _init_cpu_process_group()
     annotations = json.loads((prepared / "coco" / "train.json").read_text())["annotations"]
     if not annotations:
