@@ -25,7 +25,8 @@ def workspace(tmp_path_factory):
     params["prepare"]["folds"] = 2
     params["model"]["img_size"] = 32
     params["classify"].update(folds=1, epochs=2, batch_size=16)
-    params["detect"].update(epochs=2, batch_size=4)
+    # ~9 training fields: 30 short epochs (about a minute) are what it takes to propose real boxes
+    params["detect"].update(epochs=30, batch_size=4)
     params["translate"]["cyclegan"].update(img_size=32, ngf=8, ndf=8, n_blocks=1, epochs=1, epochs_decay=1, batch_size=4)
     # start as a fresh clone would before its first run, on tiny params
     scratch_repository(REPO, work, skip=lambda name: name.startswith(("metrics/", "plots/")) or name == "dvc.lock",
