@@ -75,3 +75,11 @@ def test_work_dir_resumes_only_the_same_config_and_data(tmp_path):
     (work / "epoch_3.pth").write_bytes(b"checkpoint")
     assert not reset_stale_work_dir(work, "a") and (work / "epoch_3.pth").exists()  # same run: resume
     assert reset_stale_work_dir(work, "b") and not (work / "epoch_3.pth").exists()  # other params: restart
+
+
+def test_sync_batchnorm_only_where_it_exists(tmp_path):
+    """DDP on CPU (gloo) must keep plain BN; on CUDA every architecture gets SyncBN from the runner."""
+    cpu = build_config(DetectParams(), 0, tmp_path, tmp_path / "work", "pytorch", "cpu")
+    cuda = build_config(DetectParams(), 0, tmp_path, tmp_path / "work", "pytorch", "cuda")
+    assert cpu["model"]["use_syncbn"] is False and "sync_bn" not in cpu and cpu["env_cfg"]["dist_cfg"]["backend"] == "gloo"
+    assert cuda["sync_bn"] == "torch" and cuda["env_cfg"]["dist_cfg"]["backend"] == "nccl"

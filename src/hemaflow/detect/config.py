@@ -51,6 +51,7 @@ def _rtmdet(m: DetectorModelParams) -> dict:
                       "pos_weight": -1, "debug": False},
         "test_cfg": {"nms_pre": 1000, "min_bbox_size": 0, "score_thr": 0.001,
                      "nms": {"type": "nms", "iou_threshold": 0.6}, "max_per_img": 100},
+        "use_syncbn": False,  # SyncBN comes from the runner's sync_bn, on CUDA only (build_config)
     }  # fmt: skip
 
 
@@ -191,9 +192,6 @@ def build_config(params: DetectParams, seed: int, prepared: Path, work_dir: Path
                  device: str = "cpu") -> dict:
     """The complete runner config: model, data, schedule, evaluation, hooks, runtime."""
     size = params.input_px
-    model = model_config(params.model)
-    if model["type"] == "RTMDet":  # RTMDet turns its BN into SyncBN under DDP, which exists only on CUDA
-        model["use_syncbn"] = device == "cuda"
     train_pipeline = [
         {"type": "LoadImageFromFile"},
         {"type": "LoadAnnotations", "with_bbox": True},
@@ -210,7 +208,7 @@ def build_config(params: DetectParams, seed: int, prepared: Path, work_dir: Path
     warmup = min(params.warmup_iters, 1000)
     config = {
         "default_scope": "mmdet",
-        "model": model,
+        "model": model_config(params.model),
         "train_dataloader": loader | {
             "batch_size": params.batch_size,
             "sampler": {"type": "DefaultSampler", "shuffle": True},
@@ -245,6 +243,8 @@ def build_config(params: DetectParams, seed: int, prepared: Path, work_dir: Path
             "sampler_seed": {"type": "DistSamplerSeedHook"},
         },
         "env_cfg": {"cudnn_benchmark": False, "dist_cfg": {"backend": "nccl" if device == "cuda" else "gloo"}},
+        # SyncBatchNorm exists only on CUDA; the runner converts every architecture's BN under DDP there
+        **({"sync_bn": "torch"} if device == "cuda" else {}),
         "randomness": {"seed": seed, "deterministic": False},
         "vis_backends": [{"type": "LocalVisBackend"}],
         "visualizer": {"type": "DetLocalVisualizer", "vis_backends": [{"type": "LocalVisBackend"}], "name": "visualizer"},
