@@ -134,19 +134,31 @@ def test_translator_trains_translates_and_keeps_labels(tiny_prepared, tmp_path):
     assert (tmp_path / "plots" / "samples.png").stat().st_size > 1000
     assert not list((tmp_path / "state").iterdir())  # the resume state goes once the model is written
 
+    cells = pd.read_csv(prepared / "cells.csv", keep_default_na=False)
+    source = cells[(cells["role"] == "source") & (cells["fine_class"] != "")]
+    # a detector that finds every training-field cell 2 px off its true box
+    on_fields = source[source["x1"] != ""]
+    boxes = on_fields[["x1", "y1", "x2", "y2"]].astype(float)
+    detections = boxes.assign(image=on_fields["image"], x1=boxes["x1"] + 2, x2=boxes["x2"] + 2, score=0.9)
+    (tmp_path / "detections").mkdir()
+    for split in ("train", "val"):
+        detections[on_fields["split"] == split].to_csv(tmp_path / "detections" / f"{split}.csv", index=False)
+
     out = tmp_path / "translated"
     _run([sys.executable, "-m", "hemaflow", "translate-cells", "--params", str(tiny), "--method", "cyclegan",
           "--prepared", str(prepared), "--translator", str(tmp_path / "translator"), "--out", str(out),
+          "--detections", str(tmp_path / "detections"),
           "--metrics", str(tmp_path / "cyclegan.json"), "--plots", str(tmp_path / "cg_plots")])  # fmt: skip
-    cells = pd.read_csv(prepared / "cells.csv", keep_default_na=False)
-    source = cells[(cells["role"] == "source") & (cells["fine_class"] != "")]
     translated = pd.read_csv(out / "cells.csv", keep_default_na=False)
     assert list(translated["cell_id"]) == list(source["cell_id"])
     assert list(translated["fine_class"]) == list(source["fine_class"])  # labels kept
+    assert (translated["crop_from"] == "detection").sum() == len(on_fields) > 0  # smear cells cut as at inference
+    assert set(translated.loc[translated["x1"] == "", "crop_from"]) == {"image"}
     first = Image.open(out / translated["crop"].iloc[0])
     assert first.size == Image.open(prepared / source["crop"].iloc[0]).size
     scores = json.loads((tmp_path / "cyclegan.json").read_text())
     assert 0 < scores["ssim_luminance"] < 1 and scores["cells"] == len(source)
+    assert scores["crops_from"]["detection"] == len(on_fields) and 0.5 < scores["mean_match_giou"] < 1
 
     apply_dir = tmp_path / "applied"
     _run([sys.executable, "-m", "hemaflow", "translate", str(prepared / source["crop"].iloc[0]), "--out", str(apply_dir),

@@ -174,22 +174,32 @@ def translate_cells(
     out: Annotated[Path | None, typer.Option(help="Output folder [default: data/translated/METHOD].")] = None,
     metrics: Annotated[Path | None, typer.Option(help="[default: metrics/translate/METHOD.json]")] = None,
     plots: Annotated[Path | None, typer.Option(help="[default: plots/translate/METHOD]")] = None,
+    detections: Annotated[
+        Path, typer.Option(help="The detect stage's boxes (train.csv, val.csv), read when classify.train_boxes is `detected`.")
+    ] = Path("data/detections"),
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Write every labelled source cell in the target's look, labels kept (stage `translate@METHOD`).
 
-    Also scores the method: SSIM to the input (structure kept), KID to the target on a fixed
-    random ResNet-18 (look changed), a sample grid and a UMAP of the domains.
+    Smear cells are first cut around the detection that best matches their true box (GIoU), as
+    the classifier will see them at inference (`classify.train_boxes`). Also scores the method:
+    SSIM to the input (structure kept), KID to the target on a fixed random ResNet-18 (look
+    changed) and a sample grid.
     """
+    from hemaflow.classify.crops import DetectedCrops, read_detections
     from hemaflow.translate.apply import translate_cells as run_translation
 
     params = _load(params_file)
     name = method.value
     with _user_errors():
+        detected = None
+        if params.classify.train_boxes == "detected":
+            detected = DetectedCrops(read_detections(detections), params.classify.min_match_giou, params.prepare.crop,
+                                     params.prepare.max_pixels)  # fmt: skip
         run_translation(method, params.translate.reference_cells, params.base.seed, prepared,
                         translator if method is AdaptationMethod.cyclegan else None,
                         out or Path("data/translated") / name, metrics or Path("metrics/translate") / f"{name}.json",
-                        plots or Path("plots/translate") / name)  # fmt: skip
+                        plots or Path("plots/translate") / name, detected)  # fmt: skip
 
 
 @app.command("translate")
@@ -274,7 +284,7 @@ def detect_splits(
     metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")] = Path("metrics/detect.json"),
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Detect white cells on the val, test and target fields and score them (stage `detect`).
+    """Detect white cells on the fields of every split and score them (stage `detect`).
 
     Writes data/detections/<split>.csv (image, x1, y1, x2, y2, score in original pixels) and COCO
     mAP, AP50, AP75, recall at IoU 0.5, mean GIoU of matched boxes and the CytologIA box term.

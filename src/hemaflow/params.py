@@ -213,6 +213,10 @@ class ClassifyParams(_Section):
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
     balance: Balance = Balance.sampler
     augment: AugmentParams = AugmentParams()
+    # Smear cells' training crops: centred on the detection with the best GIoU to the true box, as
+    # at inference (the CytologIA winners' recipe; classify/crops.py), or on the true box.
+    train_boxes: Literal["detected", "truth"] = "detected"
+    min_match_giou: Annotated[float, Field(ge=-1, le=1)] = 0.5  # a worse best detection keeps the true box
     tta: list[Literal["hflip", "vflip"]] = Field(default_factory=lambda: ["hflip"])  # flips averaged at inference
     precision: Precision = Precision.bf16  # autocast on GPU; CPU always trains in fp32
     channels_last: bool = True  # on GPU

@@ -18,7 +18,7 @@ from hemaflow.params import DetectParams
 __all__ = ["BOX_COLUMNS", "detect_images", "detect_splits"]
 
 BOX_COLUMNS = ["image", "x1", "y1", "x2", "y2", "score"]
-SPLITS = ("val", "test", "target")  # the splits later stages read detections of
+SPLITS = ("train", "val", "test", "target")  # train, val: training crops (classify/crops.py); test: evaluation
 # Smear regions far larger than a single-cell image are the point of tiling; still refuse what
 # would not fit in memory decoded (400 Mpx x 3 bytes = 1.2 GB).
 MAX_FIELD_PIXELS = 400_000_000
@@ -44,7 +44,7 @@ def _rows(image: str, boxes: np.ndarray, scores: np.ndarray, threshold: float) -
 def detect_splits(
     params: DetectParams, fields_px_per_um: float, prepared: Path, model_dir: Path, out: Path, metrics: Path
 ) -> None:
-    """Detect on the original fields of the val, test and target splits; CSVs and metrics/detect.json."""
+    """Detect on the original fields of every split; CSVs and metrics/detect.json."""
     detector = Detector.load(model_dir, fields_px_per_um, params.device)
     images = pd.read_csv(prepared / "images.csv", keep_default_na=False)
     cells = pd.read_csv(prepared / "cells.csv", keep_default_na=False)

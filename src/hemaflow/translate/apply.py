@@ -1,8 +1,8 @@
 """The ``translate`` stage and ``hemaflow translate``: source cells in the target's stain, labels kept.
 
 For each adaptation method the stage writes ``<out>/crops/<cell_id>.png`` and ``<out>/cells.csv``
-(the labelled source rows of prepare's table, ``crop`` pointing at the translated image) for the
-classifier to train on, plus how well the method did: SSIM between each cell and its
+(the labelled source rows of prepare's table, ``crop`` pointing at the translated image, and where
+the crop was cut: ``classify/crops.py``) for the classifier to train on, plus how well the method did: SSIM between each cell and its
 translation (structure kept), KID to the target before and after (look changed), a sample
 grid. (The UMAP of all methods is drawn once, by the ``compare`` stage.)
 """
@@ -10,6 +10,7 @@ grid. (The UMAP of all methods is drawn once, by the ``compare`` stage.)
 from __future__ import annotations
 
 import json
+from itertools import islice
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from hemaflow._io import atomic_dir, write_csv, write_image, write_json
+from hemaflow.classify.crops import DetectedCrops, match_detections, training_crops
 from hemaflow.data.images import ImageRejected, expand_images, load_rgb
 from hemaflow.data.scale import crop_cell
 from hemaflow.errors import HemaflowError
@@ -81,6 +83,14 @@ def _read(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def _crop_origins(cells: pd.DataFrame) -> dict:
+    if "crop_from" not in cells:
+        return {"crops_from": "prepare"}
+    giou = cells["match_giou"].dropna()
+    return {"crops_from": {origin: int(n) for origin, n in cells["crop_from"].value_counts().items()},
+            "mean_match_giou": float(giou.mean()) if len(giou) else None}  # fmt: skip
+
+
 def translate_cells(
     method: AdaptationMethod,
     reference_cells: int,
@@ -90,9 +100,16 @@ def translate_cells(
     out: Path,
     metrics: Path,
     plots: Path,
+    detected: DetectedCrops | None = None,
 ) -> None:
-    """Write every labelled source cell translated by ``method``, with metrics and plots."""
+    """Write every labelled source cell translated by ``method``, with metrics and plots.
+
+    With ``detected``, smear cells are cut around their matched detections first; else prepare's
+    crops are translated.
+    """
     source, target = domain_cells(prepared)
+    if detected is not None:
+        source = match_detections(source, detected.detections, detected.min_giou)
     rng = np.random.default_rng(seed)
     target_images = [_read(prepared / p) for p in target["crop"]]
     reference = [target_images[i] for i in sorted(rng.permutation(len(target_images))[:reference_cells])]
@@ -100,9 +117,9 @@ def translate_cells(
     originals, translated, failed = [], [], 0
     with atomic_dir(out) as staging:
         (staging / "crops").mkdir()
-        paths = list(source["crop"])
-        for i in tqdm(range(0, len(paths), 64), desc=f"translate ({method.value})", unit="batch"):
-            batch = [_read(prepared / p) for p in paths[i : i + 64]]
+        crops = training_crops(source, prepared, detected)
+        for i in tqdm(range(0, len(source), 64), desc=f"translate ({method.value})", unit="batch"):
+            batch = list(islice(crops, 64))
             for cell_id, image, result in zip(source["cell_id"].iloc[i : i + 64], batch, translate(batch), strict=True):
                 if result is None:  # the method could not handle this cell: keep it as it was
                     failed += 1
@@ -117,6 +134,7 @@ def translate_cells(
         "method": method.value,
         "cells": len(translated),
         "untranslated_cells": failed,
+        **_crop_origins(source),
         "ssim_luminance": mean_ssim(originals, translated),
         "kid_random_resnet18": {
             "source_to_target": kernel_distance(net, target_images, originals, seed),
