@@ -29,7 +29,7 @@ from hemaflow.errors import HemaflowError
 from hemaflow.metrics import best_giou_matches
 from hemaflow.params import CropParams
 
-__all__ = ["DetectedCrops", "match_detections", "read_detections", "training_crops"]
+__all__ = ["DetectedCrops", "match_detections", "read_crop", "read_detections", "training_crops"]
 
 BOX = ["x1", "y1", "x2", "y2"]
 CROP_BOX = ["crop_x1", "crop_y1", "crop_x2", "crop_y2"]
@@ -61,9 +61,10 @@ def match_detections(cells: pd.DataFrame, detections: pd.DataFrame, min_giou: fl
     detection matched to it), ``match_giou`` (GIoU of the best detection, NaN without one) and
     ``crop_x1..crop_y2`` (the box the crop is centred on, NaN for single-cell images).
     """
-    has_box = cells[BOX].apply(pd.to_numeric, errors="coerce").notna().all(axis=1)
+    boxes = cells[BOX].apply(pd.to_numeric, errors="coerce")  # empty for single-cell images
+    has_box = boxes.notna().all(axis=1)
     out = cells.assign(crop_from=np.where(has_box, "truth", "image"), match_giou=np.nan)
-    out[CROP_BOX] = cells[BOX].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    out[CROP_BOX] = boxes.to_numpy(float)
     by_image = dict(tuple(detections.groupby("image")))
     for image, rows in out[has_box].groupby("image"):
         found = by_image.get(image)
@@ -95,5 +96,10 @@ def training_crops(cells: pd.DataFrame, prepared: Path, detected: DetectedCrops 
             yield crop_cell(field(row.image), box, row.px_per_um, detected.crop.fov_um, detected.crop.pixels,
                             detected.crop.margin_px)[0]  # fmt: skip
         else:
-            with Image.open(prepared / row.crop) as image:
-                yield np.asarray(image.convert("RGB"))
+            yield read_crop(prepared / row.crop)
+
+
+def read_crop(path: Path) -> np.ndarray:
+    """A crop prepare (or translate) wrote, as RGB uint8."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))

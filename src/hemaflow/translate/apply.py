@@ -2,28 +2,27 @@
 
 For each adaptation method the stage writes ``<out>/crops/<cell_id>.png`` and ``<out>/cells.csv``
 (the labelled source rows of prepare's table, ``crop`` pointing at the translated image, and where
-the crop was cut: ``classify/crops.py``) for the classifier to train on, plus how well the method did: SSIM between each cell and its
-translation (structure kept), KID to the target before and after (look changed), a sample
-grid. (The UMAP of all methods is drawn once, by the ``compare`` stage.)
+the crop was cut: ``classify/crops.py``) for the classifier to train on, plus how well the method
+did: SSIM between each cell and its translation (structure kept), KID to the target before and
+after (look changed), a sample grid. (The UMAP of all methods is drawn once, by the ``compare`` stage.)
 """
 
 from __future__ import annotations
 
 import json
-from itertools import islice
 from collections.abc import Callable, Sequence
+from itertools import islice
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from tqdm import tqdm
 
 from hemaflow._io import atomic_dir, write_csv, write_image, write_json
-from hemaflow.classify.crops import DetectedCrops, match_detections, training_crops
+from hemaflow.classify.crops import DetectedCrops, match_detections, read_crop, training_crops
 from hemaflow.data.images import ImageRejected, expand_images, load_rgb
 from hemaflow.data.scale import crop_cell
 from hemaflow.errors import HemaflowError
@@ -78,14 +77,9 @@ def _translator(method: AdaptationMethod, target_images: Sequence[np.ndarray], t
     return lambda images: [normalise(image) for image in images]
 
 
-def _read(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 def _crop_origins(cells: pd.DataFrame) -> dict:
-    if "crop_from" not in cells:
-        return {"crops_from": "prepare"}
+    if "crop_from" not in cells:  # prepare's crops, unmatched: nothing to report
+        return {}
     giou = cells["match_giou"].dropna()
     return {"crops_from": {origin: int(n) for origin, n in cells["crop_from"].value_counts().items()},
             "mean_match_giou": float(giou.mean()) if len(giou) else None}  # fmt: skip
@@ -111,7 +105,7 @@ def translate_cells(
     if detected is not None:
         source = match_detections(source, detected.detections, detected.min_giou)
     rng = np.random.default_rng(seed)
-    target_images = [_read(prepared / p) for p in target["crop"]]
+    target_images = [read_crop(prepared / p) for p in target["crop"]]
     reference = [target_images[i] for i in sorted(rng.permutation(len(target_images))[:reference_cells])]
     translate = _translator(method, reference, translator_dir)
     originals, translated, failed = [], [], 0
