@@ -6,22 +6,32 @@ UV_VERSION := 0.13.9
 export PATH := $(subst $(CURDIR)/.venv/bin:,,$(PATH))
 undefine VIRTUAL_ENV
 UV := python3 -m uv
+RUN := $(UV) run --frozen
 
-.PHONY: setup demo test bench
+.PHONY: setup demo lint test test-fast bench
 
 setup:
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
 	$(UV) sync --frozen
 
 demo: setup
-	$(UV) run --frozen dvc repro
+	$(RUN) dvc repro
 
-test: setup
-	$(UV) run --frozen pytest
+lint: setup
+	$(RUN) ruff format --check src tests benchmarks
+	$(RUN) ruff check src tests benchmarks
+
+test: lint
+	$(RUN) pytest
+
+# The inner loop: lint and every test that trains nothing for more than seconds.
+test-fast: lint
+	$(RUN) pytest -m "not slow"
 
 bench: setup
-	$(UV) run --frozen python benchmarks/run.py
-	$(UV) run --frozen python benchmarks/classify.py
-	$(UV) run --frozen python benchmarks/detect.py
-	$(UV) run --frozen python benchmarks/translate.py
-	$(UV) run --frozen python benchmarks/predict.py
+	$(RUN) python benchmarks/run.py
+	$(RUN) python benchmarks/reproducibility.py
+	$(RUN) python benchmarks/classify.py
+	$(RUN) python benchmarks/detect.py
+	$(RUN) python benchmarks/translate.py
+	$(RUN) python benchmarks/predict.py

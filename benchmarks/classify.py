@@ -15,9 +15,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from hemaflow.classify.data import CellDataset, build_transform
+from hemaflow.classify.inference import predict_logits
 from hemaflow.classify.model import create_classifier
-from hemaflow.classify.predict import predict_probabilities
-from hemaflow.params import AugmentParams, ModelParams
+from hemaflow.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,24 +72,32 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["resnet18", "vit_small_patch16_224"])
     args = parser.parse_args()
     device = torch.device(args.device)
+    params = load_params(REPO / "params.yaml")
     cells = pd.read_csv(REPO / "data" / "prepared" / "cells.csv", keep_default_na=False)
     paths = [REPO / "data" / "prepared" / p for p in cells["crop"]][: args.batch * (args.steps + 1)]
     print(f"device {device}, batch {args.batch}, input {args.img_size} px, {torch.get_num_threads()} threads\n")
-    print("| backbone | train img/s (model only) | data pipeline s/batch | data share of step | infer img/s | infer img/s with hflip TTA |")
+    print(
+        "| backbone | train img/s (model only) | data pipeline s/batch | data share of step | infer img/s | infer img/s with hflip TTA |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for backbone in args.backbones:
-        model, card = create_classifier(ModelParams(backbone=backbone, img_size=args.img_size), num_classes=6)
+        model_params = params.model.model_copy(update={"backbone": backbone, "img_size": args.img_size})
+        model, card = create_classifier(model_params, num_classes=6)
         model.to(device).train()
         step = _model_seconds_per_step(model, args.batch, args.img_size, args.steps, device, device.type == "cuda")
-        data = _data_seconds_per_batch(_loader(paths, card, AugmentParams(), args.batch, args.workers), args.steps)
+        data = _data_seconds_per_batch(
+            _loader(paths, card, params.classify.augment, args.batch, args.workers), args.steps
+        )
         plain = _loader(paths, card, None, args.batch, args.workers)
         speeds = []
         for tta in ([], ["hflip"]):
-            predict_probabilities(model, plain, device, tta)  # warm-up
+            predict_logits(model, plain, device, tta)  # warm-up
             tick = time.perf_counter()
-            predict_probabilities(model, plain, device, tta)
+            predict_logits(model, plain, device, tta)
             speeds.append(len(plain) * args.batch / (time.perf_counter() - tick))
-        print(f"| {backbone} | {args.batch / step:.1f} | {data:.3f} | {data / step:.1%} | {speeds[0]:.1f} | {speeds[1]:.1f} |")
+        print(
+            f"| {backbone} | {args.batch / step:.1f} | {data:.3f} | {data / step:.1%} | {speeds[0]:.1f} | {speeds[1]:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from mmengine.optim import OptimWrapper
 from mmengine.structures import InstanceData
 from PIL import Image
 
-from hemaflow.detect.predict import Detector
+from hemaflow.detect.detector import CARD, Detector
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,11 +41,20 @@ def _training_images_per_second(config: Config, batch: int, side: int, steps: in
     optimizer = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-3))
     samples = []
     for _ in range(batch):
-        sample = DetDataSample(metainfo={"img_shape": (side, side), "ori_shape": (side, side), "pad_shape": (side, side),
-                                         "scale_factor": (1.0, 1.0)})  # fmt: skip
+        sample = DetDataSample(
+            metainfo={
+                "img_shape": (side, side),
+                "ori_shape": (side, side),
+                "pad_shape": (side, side),
+                "scale_factor": (1.0, 1.0),
+            }
+        )
         sample.gt_instances = InstanceData(bboxes=torch.tensor([[20.0, 24.0, 80.0, 90.0]]), labels=torch.tensor([0]))
         samples.append(sample)
-    data = {"inputs": [torch.randint(0, 255, (3, side, side), dtype=torch.uint8) for _ in range(batch)], "data_samples": samples}
+    data = {
+        "inputs": [torch.randint(0, 255, (3, side, side), dtype=torch.uint8) for _ in range(batch)],
+        "data_samples": samples,
+    }
     return batch / _timed(lambda: model.train_step(data, optimizer), steps)
 
 
@@ -56,29 +65,49 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     register_all_modules(init_default_scope=True)
-    card = json.loads((args.model / "best.json").read_text())
+    card = json.loads((args.model / CARD).read_text())
     config, side = Config(card["config"]), card["input_px"]
     batch = config.train_dataloader.batch_size
     device = torch.device(args.device)
-    detector = Detector.load(args.model, px_per_um=4.0, device=args.device)
+    detector = Detector.load(args.model, device=args.device)
+    overlap = 0.5
     # Real demo smear fields (at 4 px/um after prepare), mosaicked to the sizes measured.
     images = pd.read_csv(REPO / "data" / "prepared" / "images.csv", keep_default_na=False)
-    fields = [np.asarray(Image.open(REPO / "data" / "prepared" / f)) for f in images.loc[images["field"] != "", "field"][:16]]
+    fields = [
+        np.asarray(Image.open(REPO / "data" / "prepared" / f)) for f in images.loc[images["field"] != "", "field"][:16]
+    ]
     mosaic = np.concatenate([np.concatenate(fields[r * 4 : r * 4 + 4], axis=1) for r in range(4)], axis=0)
     field = np.asarray(Image.fromarray(mosaic[:480, :640]))  # 640x480 pixels
     small = [np.ascontiguousarray(f[:120, :160]) for f in fields[:8]]  # what a 640x480 field at 16 px/um becomes
     large = np.tile(mosaic, (5, 4, 1))[:2048, :2048]
     rows = [
-        ("training, images/s", _training_images_per_second(config, batch, side, args.repeats, device), f"batch {batch}, {side} px"),
+        (
+            "training, images/s",
+            _training_images_per_second(config, batch, side, args.repeats, device),
+            f"batch {batch}, {side} px",
+        ),
         # a 640x480 field at 16 px/um is one network input at the detector's 4 px/um
-        ("640x480 field at 16 px/um, ms, unbatched", 1000 * _timed(lambda: detector(field, 16.0), args.repeats),
-         "rescaled to 160x120, one forward"),
-        ("640x480 field at 16 px/um, ms, batched", 1000 * _timed(
-            lambda: detector.run_batch(small), args.repeats) / 8, "8 per forward, at 4 px/um"),
-        ("640x480 field at 4 px/um, ms (tiled)", 1000 * _timed(lambda: detector(field, 4.0), args.repeats), f"{side} px tiles, overlap 0.5"),
-        ("2048x2048 field at 4 px/um, ms (tiled)", 1000 * _timed(
-            lambda: detector(large, 4.0), 1), "one run"),
-    ]  # fmt: skip
+        (
+            "640x480 field at 16 px/um, ms, unbatched",
+            1000 * _timed(lambda: detector(field, 16.0, overlap, batch), args.repeats),
+            "rescaled to 160x120, one forward",
+        ),
+        (
+            "640x480 field at 16 px/um, ms, batched",
+            1000 * _timed(lambda: detector.run_batch(small), args.repeats) / 8,
+            "8 per forward, at 4 px/um",
+        ),
+        (
+            "640x480 field at 4 px/um, ms (tiled)",
+            1000 * _timed(lambda: detector(field, 4.0, overlap, batch), args.repeats),
+            f"{side} px tiles, overlap 0.5",
+        ),
+        (
+            "2048x2048 field at 4 px/um, ms (tiled)",
+            1000 * _timed(lambda: detector(large, 4.0, overlap, batch), 1),
+            "one run",
+        ),
+    ]
     print(f"device {device}, arch {config.model.type}, {torch.get_num_threads()} threads\n")
     print("| measurement | value | note |\n|---|---:|---|")
     for name, value, note in rows:

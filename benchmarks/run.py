@@ -30,7 +30,12 @@ def _timed(command: list[str], cwd: Path, env: dict[str, str]) -> float:
 
 def _stages(work: Path, env: dict[str, str]) -> list[str]:
     listed = subprocess.run(
-        [sys.executable, "-m", "dvc", "stage", "list", "--name-only"], cwd=work, env=env, check=True, capture_output=True, text=True
+        [sys.executable, "-m", "dvc", "stage", "list", "--name-only"],
+        cwd=work,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return listed.stdout.split()
 
@@ -51,7 +56,9 @@ def main() -> None:
             seconds = _timed([sys.executable, "-m", "dvc", "repro", "--single-item", stage], work, env)
             rows.append((f"stage `{stage}` (demo params)", seconds, "one run, 2 CPU cores"))
         noop = [_timed([sys.executable, "-m", "dvc", "repro"], work, env) for _ in range(args.repeats)]
-        rows.append(("`dvc repro` with nothing to do", statistics.median(noop), f"median of {args.repeats}; goal < 2 s"))
+        rows.append(
+            ("`dvc repro` with nothing to do", statistics.median(noop), f"median of {args.repeats}; goal < 2 s")
+        )
 
     print("| measurement | seconds | note |\n|---|---:|---|")
     for name, seconds, note in rows:

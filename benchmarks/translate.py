@@ -14,19 +14,22 @@ import time
 
 import torch
 
-from hemaflow.params import CycleGanParams, Precision, load_params
+from hemaflow.params import CycleGanParams, load_params
+from hemaflow.runtime import autocast
 from hemaflow.translate.cyclegan import ImagePool
 from hemaflow.translate.train import CycleGan, _step
 
 
 def _measure(params: CycleGanParams, device: torch.device, steps: int) -> tuple[float, float]:
     gan = CycleGan(params, 0).to(device)
-    adam = lambda nets: torch.optim.Adam(itertools.chain(*(n.parameters() for n in nets)), params.lr, betas=(0.5, 0.999))  # noqa: E731
+
+    def adam(networks):
+        return torch.optim.Adam(itertools.chain(*(n.parameters() for n in networks)), params.lr, betas=(0.5, 0.999))
+
     optimizers = (adam([gan.G_A, gan.G_B]), adam([gan.D_A, gan.D_B]))
     cuda = device.type == "cuda"
-    dtype = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(params.precision, torch.float32)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=cuda and params.precision is not Precision.fp32)
-    scaler = torch.amp.GradScaler(enabled=cuda and params.precision is Precision.fp16)
+    mixed = autocast(device, params.precision)
+    scaler = torch.amp.GradScaler(enabled=cuda and params.precision == "fp16")
     pools = (ImagePool(params.pool_size, random.Random(0)), ImagePool(params.pool_size, random.Random(1)))
     shape = (params.batch_size, 3, params.img_size, params.img_size)
     a, b = torch.rand(shape, device=device) * 2 - 1, torch.rand(shape, device=device) * 2 - 1
@@ -36,15 +39,15 @@ def _measure(params: CycleGanParams, device: torch.device, steps: int) -> tuple[
             torch.cuda.synchronize()
 
     for _ in range(2):
-        _step(gan, a, b, pools, params, optimizers, scaler, autocast)
+        _step(gan, a, b, pools, params, optimizers, scaler, mixed)
     sync()
     tick = time.perf_counter()
     for _ in range(steps):
-        _step(gan, a, b, pools, params, optimizers, scaler, autocast)
+        _step(gan, a, b, pools, params, optimizers, scaler, mixed)
     sync()
     train_ms = 1000 * (time.perf_counter() - tick) / (steps * params.batch_size)
     gan.eval()
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), mixed:
         gan.G_A(a)
         sync()
         tick = time.perf_counter()
@@ -61,12 +64,22 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     demo = load_params().translate.cyclegan
-    configurations = [
-        ("demo (params.yaml)", demo),
-        ("reference 256 px, batch 1", CycleGanParams(img_size=256, batch_size=1, upsample="transpose", precision=Precision.fp32)),
-    ]
+    reference = demo.model_copy(
+        update={
+            "img_size": 256,
+            "ngf": 64,
+            "ndf": 64,
+            "n_blocks": 9,
+            "upsample": "transpose",
+            "batch_size": 1,
+            "precision": "fp32",
+        }
+    )
+    configurations = [("demo (params.yaml)", demo), ("reference 256 px, batch 1", reference)]
     if device.type == "cuda":
-        configurations.append(("reference 256 px, batch 16, bf16", CycleGanParams(img_size=256, batch_size=16)))
+        configurations.append(
+            ("reference 256 px, batch 16, bf16", reference.model_copy(update={"batch_size": 16, "precision": "bf16"}))
+        )
     print(f"device {device}, {torch.get_num_threads()} threads\n")
     print("| configuration | train ms/image | translate images/s |\n|---|---:|---:|")
     for name, params in configurations:

@@ -1,16 +1,37 @@
+"""Shared test data: params built from the repository's params.yaml, a tiny demo, and the tiny models
+trained once per session and shared by every test that needs a trained detector or classifier.
+
+Tiers: `make test-fast` runs the tests not marked `slow` (no training beyond seconds); `make test`
+runs everything. Real-data tests read ../shared/data and skip with the reason when it is absent.
+"""
+
 from __future__ import annotations
 
+import copy
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
+
+import hemaflow  # noqa: F401  first: pins the CPU kernels before torch is imported (hemaflow/__init__.py)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+TINY_DEMO = {
+    "cells_per_class": 6,
+    "fields_per_domain": 6,
+    "background_fields": 0.2,
+    "target_unlabelled_cells": 8,
+    "target_test_cells": 12,
+}
 
 
 def shared_dataset(name: str) -> Path:
@@ -21,28 +42,192 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
-TINY_DEMO = {"cells_per_class": 6, "fields_per_domain": 6, "background_fields": 0.2, "target_unlabelled_cells": 8}
+def merged(base: dict, overlay: dict) -> dict:
+    """``base`` with ``overlay`` merged in, section by section (lists and values replaced)."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        out[key] = merged(out.get(key, {}), value) if isinstance(value, dict) else copy.deepcopy(value)
+    return out
+
+
+def params_data(overlay: dict | None = None) -> dict:
+    """The repository's params.yaml as a dict, with ``overlay`` merged in."""
+    return merged(yaml.safe_load((REPO / "params.yaml").read_text()), overlay or {})
+
+
+def load(overlay: dict | None = None):
+    """Typed params: the repository's params.yaml with ``overlay`` merged in."""
+    from hemaflow.params import parse_params
+
+    return parse_params(params_data(overlay))
+
+
+def write_params(path: Path, overlay: dict | None = None) -> Path:
+    path.write_text(yaml.safe_dump(params_data(overlay), sort_keys=False))
+    return path
+
+
+TINY = {
+    "demo_data": TINY_DEMO,
+    "prepare": {"folds": 2, "workers": 0},
+    "model": {"img_size": 32},
+    "classify": {"folds": 1, "epochs": 2, "batch_size": 16},
+    # ~9 training fields: 30 short epochs (about a minute) are what it takes to propose real boxes
+    "detect": {"epochs": 30, "batch_size": 4},
+    "translate": {
+        "cyclegan": {"img_size": 32, "ngf": 8, "ndf": 8, "n_blocks": 1, "epochs": 1, "epochs_decay": 1, "batch_size": 4}
+    },
+}
+
+
+def run(command: list[str], timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def hemaflow_command(*args: str | Path, **options: object) -> list[str]:
+    """``python -m hemaflow ARGS --option value ...`` (``work_dir=`` becomes ``--work-dir``; True: a flag)."""
+    flags = []
+    for key, value in options.items():
+        flags += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return [sys.executable, "-m", "hemaflow", *map(str, args), *flags]
+
+
+def built_once(tmp_path_factory, worker_id: str, name: str, build: Callable[[Path], None]) -> Path:
+    """``build(folder)`` once per test run, shared by the pytest-xdist workers (the first builds, the others wait)."""
+    if worker_id == "master":  # no xdist: this process is the whole run
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent  # the run's folder, above every worker's own
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
+def _build_tiny_prepared(root: Path) -> None:
+    from hemaflow.data.demo import demo_data
+    from hemaflow.data.prepare import prepare
+    from hemaflow.params import load_params
+
+    params_file = write_params(root / "params.yaml", merged(TINY, {"prepare": {"root": str(root / "demo")}}))
+    params = load_params(params_file)
+    demo_data(params=params.demo_data, seed=3, out=root / "demo")
+    prepare(
+        params=params.prepare,
+        seed=params.base.seed,
+        out=root / "prepared",
+        metrics=root / "data.json",
+        plots=root / "plots",
+    )
 
 
 @pytest.fixture(scope="session")
-def tiny_prepared(tmp_path_factory):
-    """A tiny demo run through prepare: (prepared folder, params.yaml written for it)."""
-    import yaml
-
-    from hemaflow.data.demo import generate_demo
-    from hemaflow.data.prepare import prepare
-    from hemaflow.params import DemoDataParams, load_params
-
-    root = tmp_path_factory.mktemp("tiny")
-    generate_demo(DemoDataParams(**TINY_DEMO), 3, root / "demo")
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
-    data["prepare"].update(root=str(root / "demo"), folds=2)
-    data["model"].update(img_size=32)
-    data["classify"].update(folds=1, epochs=2, batch_size=16)
-    (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    params = load_params(root / "params.yaml")
-    prepare(params.prepare, params.base.seed, root / "prepared", root / "data.json", root / "plots")
+def tiny_prepared(tmp_path_factory, worker_id):
+    """A tiny demo run through prepare: (prepared folder, params.yaml written for it), built once."""
+    root = built_once(tmp_path_factory, worker_id, "tiny", _build_tiny_prepared)
     return root / "prepared", root / "params.yaml"
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """Everything the tiny pipeline trained, once per session."""
+
+    root: Path
+    prepared: Path
+    params_file: Path
+    detector: Path
+    detections: Path
+    crops: Path
+    cells: Path  # the `none` translation of the crops: what the classifier trained on
+    classifier: Path
+
+
+def _build_tiny_models(prepared: Path, params_file: Path, root: Path) -> None:
+    from hemaflow.classify.train import train_classifier
+    from hemaflow.data.crop import crop
+    from hemaflow.detect.detect import detect
+    from hemaflow.detect.train import train_detector
+    from hemaflow.params import Translation, load_params
+    from hemaflow.translate.translate import translate
+
+    p = load_params(params_file)
+    train_detector(
+        params=p.detect,
+        fields_px_per_um=p.prepare.fields.px_per_um,
+        seed=p.base.seed,
+        prepared=prepared,
+        work_dir=root / "detector_work",
+        out=root / "detector",
+        plots=root / "detect_plots",
+    )
+    detect(
+        params=p.detect,
+        predict=p.predict,
+        evaluation=p.evaluate,
+        seed=p.base.seed,
+        prepared=prepared,
+        model=root / "detector",
+        out=root / "detections",
+        metrics=root / "detect.json",
+    )
+    crop(
+        params=p.crop,
+        geometry=p.prepare.crop,
+        max_pixels=p.prepare.max_pixels,
+        prepared=prepared,
+        detections=root / "detections",
+        out=root / "crops",
+        metrics=root / "crop.json",
+    )
+    translate(
+        method=Translation.none,
+        reference_cells=8,
+        seed=0,
+        crops=root / "crops",
+        prepared=prepared,
+        translator=None,
+        out=root / "none",
+        metrics=root / "none.json",
+        plots=root / "none_plots",
+    )
+    train_classifier(
+        model_params=p.model,
+        params=p.classify,
+        seed=p.base.seed,
+        cells=root / "none",
+        out=root / "classifier",
+        metrics=root / "classify.json",
+        plots=root / "classify_plots",
+        state=root / "state",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_prepared, tmp_path_factory, worker_id) -> TinyModels:
+    """A tiny detector, its detections, training crops and a tiny classifier (in-process, about 45 s), built once."""
+    prepared, params_file = tiny_prepared
+    root = built_once(
+        tmp_path_factory, worker_id, "models", lambda folder: _build_tiny_models(prepared, params_file, folder)
+    )
+    return TinyModels(
+        root,
+        prepared,
+        params_file,
+        root / "detector",
+        root / "detections",
+        root / "crops",
+        root / "none",
+        root / "classifier",
+    )
 
 
 def kill_when(command: list[str], ready: Callable[[], bool], timeout: float = 600) -> None:

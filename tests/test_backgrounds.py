@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pandas as pd
 
-from conftest import TINY_DEMO
+from conftest import TINY_DEMO, load
 from hemaflow.data.backgrounds import erase_cells
-from hemaflow.data.demo import generate_demo
+from hemaflow.data.demo import demo_data
 from hemaflow.data.prepare import prepare
-from hemaflow.params import DemoDataParams, load_params
 
 
 def _field():
@@ -32,10 +31,20 @@ def test_the_white_cell_is_painted_out_and_the_rest_kept():
 
 
 def test_prepare_derives_backgrounds_when_the_data_has_none(tmp_path):
-    generate_demo(DemoDataParams(**(TINY_DEMO | {"background_fields": 0.0})), 3, tmp_path / "demo")
-    params = load_params("params.yaml")
-    prepare_params = params.prepare.model_copy(update={"root": str(tmp_path / "demo"), "folds": 2})
-    prepare(prepare_params, 3, tmp_path / "prepared", tmp_path / "data.json", tmp_path / "plots")
+    params = load(
+        {
+            "demo_data": TINY_DEMO | {"background_fields": 0.0, "workers": 1},
+            "prepare": {"root": str(tmp_path / "demo"), "folds": 2, "workers": 0},
+        }
+    )
+    demo_data(params=params.demo_data, seed=3, out=tmp_path / "demo")
+    prepare(
+        params=params.prepare,
+        seed=3,
+        out=tmp_path / "prepared",
+        metrics=tmp_path / "data.json",
+        plots=tmp_path / "plots",
+    )
     coco = json.loads((tmp_path / "prepared" / "coco" / "train.json").read_text())
     annotated = {a["image_id"] for a in coco["annotations"]}
     backgrounds = [i for i in coco["images"] if i["id"] not in annotated]
@@ -45,5 +54,7 @@ def test_prepare_derives_backgrounds_when_the_data_has_none(tmp_path):
     findings = pd.read_csv(tmp_path / "prepared" / "findings.csv")
     assert (findings["action"] == "derived").sum() == len(backgrounds)
     for split in ("val", "test"):  # only training gets derived fields
-        names = [i["file_name"] for i in json.loads((tmp_path / "prepared" / "coco" / f"{split}.json").read_text())["images"]]
+        names = [
+            i["file_name"] for i in json.loads((tmp_path / "prepared" / "coco" / f"{split}.json").read_text())["images"]
+        ]
         assert not any("__background" in n for n in names)

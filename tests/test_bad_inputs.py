@@ -11,10 +11,10 @@ import pytest
 import tifffile
 from PIL import Image
 
+from conftest import load
 from hemaflow.data.prepare import prepare
 from hemaflow.data.report import format_report
 from hemaflow.errors import HemaflowError
-from hemaflow.params import PrepareParams
 
 
 def _jpeg(rng, width=120, height=100) -> bytes:
@@ -54,17 +54,19 @@ def bad_dataset(tmp_path):
         ("/etc/passwd", 10, 10, 60, 60, "PNN"),
         ("missing.jpg", 10, 10, 60, 60, "PNN"),
     ]
-    pd.DataFrame(rows, columns=["NAME", "x1", "y1", "x2", "y2", "class"]).to_csv(images.parent / "labels.csv", index=False)
+    pd.DataFrame(rows, columns=["NAME", "x1", "y1", "x2", "y2", "class"]).to_csv(
+        images.parent / "labels.csv", index=False
+    )
     return tmp_path
 
 
-def _params(root, **dataset) -> PrepareParams:
+def _params(root, **dataset):
     entry = {"name": "smears", "format": "cytologia", "path": "smears", "role": "source", "px_per_um": 10.0} | dataset
-    return PrepareParams(root=str(root / "raw"), datasets=[entry], folds=2, workers=0)
+    return load({"prepare": {"root": str(root / "raw"), "datasets": [entry], "folds": 2, "workers": 0}}).prepare
 
 
 def _run(root, params):
-    prepare(params, 0, root / "prepared", root / "metrics.json", root / "plots")
+    prepare(params=params, seed=0, out=root / "prepared", metrics=root / "metrics.json", plots=root / "plots")
     findings = pd.read_csv(root / "prepared" / "findings.csv", keep_default_na=False)
     cells = pd.read_csv(root / "prepared" / "cells.csv", keep_default_na=False)
     return findings, cells
@@ -105,8 +107,20 @@ def test_each_bad_input_gets_its_documented_result(bad_dataset):
     assert not {"far.png", "nan.png", "inverted.png"} & names
     assert ("far.jpg", "rejected", "field_with_rejected_box") in outcome
     report = format_report(bad_dataset / "prepared")
-    for name in ("truncated.jpg", "empty.jpg", "garbage.jpg", "alpha.png", "sixteen.tif", "nan.jpg", "inverted.jpg",
-                 "edge.jpg", "far.jpg", "../escape.jpg", "/etc/passwd", "missing.jpg"):  # fmt: skip
+    for name in (
+        "truncated.jpg",
+        "empty.jpg",
+        "garbage.jpg",
+        "alpha.png",
+        "sixteen.tif",
+        "nan.jpg",
+        "inverted.jpg",
+        "edge.jpg",
+        "far.jpg",
+        "../escape.jpg",
+        "/etc/passwd",
+        "missing.jpg",
+    ):
         assert name in report, name
 
 

@@ -6,11 +6,23 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from conftest import load
 from hemaflow.classify.data import EpochSampler, class_weights
-from hemaflow.classify.model import BACKBONE_ALIASES, create_classifier, load_classifier, resolve_backbone, save_classifier
-from hemaflow.classify.predict import average_probabilities
+from hemaflow.classify.inference import average_probabilities
+from hemaflow.classify.model import (
+    BACKBONE_ALIASES,
+    create_classifier,
+    load_classifier,
+    resolve_backbone,
+    save_classifier,
+)
 from hemaflow.errors import HemaflowError
-from hemaflow.params import ModelParams
+
+MODEL = load().model
+
+
+def model_params(**changes):
+    return MODEL.model_copy(update=changes)
 
 
 @pytest.mark.parametrize("alias", sorted(BACKBONE_ALIASES))
@@ -24,9 +36,11 @@ def test_exact_names_pass_and_unknown_names_suggest_close_ones():
         resolve_backbone("resnet181")
 
 
-@pytest.mark.parametrize("backbone,img_size", [("resnet18", 64), ("vit_small", 64), ("vit_tiny", 32), ("efficientnet_b0", 48)])
+@pytest.mark.parametrize(
+    "backbone,img_size", [("resnet18", 64), ("vit_small", 64), ("vit_tiny", 32), ("efficientnet_b0", 48)]
+)
 def test_models_run_at_the_demo_image_size(backbone, img_size):
-    model, card = create_classifier(ModelParams(backbone=backbone, img_size=img_size), num_classes=6)
+    model, card = create_classifier(model_params(backbone=backbone, img_size=img_size), num_classes=6)
     assert model(torch.zeros(2, 3, img_size, img_size)).shape == (2, 6)
     assert len(card.mean) == 3 and card.resolved_backbone == resolve_backbone(backbone)
 
@@ -37,21 +51,21 @@ def test_local_checkpoint_loads_backbone_and_drops_a_different_head(tmp_path, su
     state = donor.state_dict()
     path = tmp_path / f"donor{suffix}"
     save_file(state, path) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
-    model, _ = create_classifier(ModelParams(backbone="resnet18", checkpoint=str(path)), num_classes=6)
+    model, _ = create_classifier(model_params(backbone="resnet18", checkpoint=str(path)), num_classes=6)
     assert torch.equal(model.state_dict()["conv1.weight"], state["conv1.weight"])
     assert model.state_dict()["fc.weight"].shape == (6, 512)
 
 
 def test_checkpoint_errors_are_clear(tmp_path):
     with pytest.raises(HemaflowError, match="not found"):
-        create_classifier(ModelParams(checkpoint=str(tmp_path / "none.pth")), 3)
+        create_classifier(model_params(checkpoint=str(tmp_path / "none.pth")), 3)
     save_file({"something.else": torch.zeros(3)}, tmp_path / "other.safetensors")
     with pytest.raises(HemaflowError, match="wrong backbone"):
-        create_classifier(ModelParams(checkpoint=str(tmp_path / "other.safetensors")), 3)
+        create_classifier(model_params(checkpoint=str(tmp_path / "other.safetensors")), 3)
 
 
 def test_saved_classifier_round_trips(tmp_path):
-    model, card = create_classifier(ModelParams(backbone="resnet18", img_size=32), 3)
+    model, card = create_classifier(model_params(backbone="resnet18", img_size=32), 3)
     card = card.__class__(**{**card.__dict__, "classes": ["a", "b", "c"]})
     save_classifier(model, card, tmp_path / "fold0")
     loaded, loaded_card = load_classifier(tmp_path / "fold0")

@@ -9,33 +9,43 @@ import tifffile
 from PIL import Image
 
 from conftest import TINY_DEMO
-from hemaflow.data.demo import generate_demo
+from hemaflow.data.demo import demo_data
 from hemaflow.params import DemoDataParams
 
 
 def _digest(root):
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
-    generate_demo(DemoDataParams(**TINY_DEMO, workers=2), seed=7, out=out)
+    demo_data(params=DemoDataParams(**TINY_DEMO, workers=2), seed=7, out=out)
     return out
 
 
 def test_same_params_give_the_same_bytes_whatever_the_worker_count(demo, tmp_path):
-    generate_demo(DemoDataParams(**TINY_DEMO, workers=1), seed=7, out=tmp_path / "again")
+    demo_data(params=DemoDataParams(**TINY_DEMO, workers=1), seed=7, out=tmp_path / "again")
     assert _digest(demo) == _digest(tmp_path / "again")
 
 
 def test_another_seed_gives_other_images(demo, tmp_path):
-    generate_demo(DemoDataParams(**TINY_DEMO, workers=2), seed=8, out=tmp_path / "other")
+    demo_data(params=DemoDataParams(**TINY_DEMO, workers=2), seed=8, out=tmp_path / "other")
     assert _digest(demo) != _digest(tmp_path / "other")
 
 
 def test_native_layouts_and_physical_sizes(demo):
-    assert sorted(p.name for p in (demo / "acevedo").iterdir()) == ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+    assert sorted(p.name for p in (demo / "acevedo").iterdir()) == [
+        "basophil",
+        "eosinophil",
+        "lymphocyte",
+        "monocyte",
+        "neutrophil",
+    ]
     assert sorted(p.name for p in (demo / "matek").iterdir()) == ["BAS", "EOS", "LYT", "MON", "MYO", "NGS"]
     assert {p.name.split("_")[0] for p in (demo / "acevedo" / "neutrophil").iterdir()} == {"SNE"}
     assert Image.open(next((demo / "acevedo" / "monocyte").iterdir())).size == (360, 363)
@@ -61,7 +71,9 @@ def test_fields_hold_one_to_three_non_overlapping_cells_and_some_background(demo
                     overlap_h = min(b[i, 3], b[j, 3]) - max(b[i, 1], b[j, 1])
                     assert overlap_w <= 0 or overlap_h <= 0
     all_fields = sum(len(list((demo / f"{d}_fields" / "images").iterdir())) for d in ("acevedo", "matek", "wbc1"))
-    listed = sum(pd.read_csv(demo / f"{d}_fields" / "labels.csv")["NAME"].nunique() for d in ("acevedo", "matek", "wbc1"))
+    listed = sum(
+        pd.read_csv(demo / f"{d}_fields" / "labels.csv")["NAME"].nunique() for d in ("acevedo", "matek", "wbc1")
+    )
     assert all_fields > listed  # background fields (no white cell) exist
 
 

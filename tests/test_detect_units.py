@@ -11,34 +11,46 @@ from mmdet.utils import register_all_modules
 from mmengine.config import Config
 from mmengine.structures import InstanceData
 
+from conftest import load
 from hemaflow.detect.config import build_config, model_config
+from hemaflow.detect.detector import fuse_boxes, tile_origins
 from hemaflow.detect.metrics import detection_metrics
-from hemaflow.metrics import best_giou_matches, cytologia_box_term
-from hemaflow.detect.predict import tile_origins
 from hemaflow.detect.train import reset_stale_work_dir
-from hemaflow.params import DetectorModelParams, DetectParams
+from hemaflow.metrics import best_giou_matches, cytologia_box_term
+from hemaflow.params import DetectorModelParams
 
 ARCHITECTURES = typing.get_args(DetectorModelParams.model_fields["arch"].annotation)
+DETECT = load().detect
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_architecture_builds_and_trains_with_a_giou_loss(arch):
     register_all_modules(init_default_scope=True)
-    config = Config({"model": model_config(DetectorModelParams(arch=arch))})
+    config = Config({"model": model_config(DETECT.model.model_copy(update={"arch": arch}))})
     assert "GIoULoss" in config.pretty_text
     model = MODELS.build(config.model)
-    sample = DetDataSample(metainfo={"img_shape": (96, 96), "ori_shape": (96, 96), "pad_shape": (96, 96),
-                                     "scale_factor": (1.0, 1.0), "batch_input_shape": (96, 96)})  # fmt: skip
+    sample = DetDataSample(
+        metainfo={
+            "img_shape": (96, 96),
+            "ori_shape": (96, 96),
+            "pad_shape": (96, 96),
+            "scale_factor": (1.0, 1.0),
+            "batch_input_shape": (96, 96),
+        }
+    )
     sample.gt_instances = InstanceData(bboxes=torch.tensor([[10.0, 12.0, 50.0, 60.0]]), labels=torch.tensor([0]))
-    data = model.data_preprocessor({"inputs": [torch.randint(0, 255, (3, 96, 96), dtype=torch.uint8)],
-                                    "data_samples": [sample]}, True)  # fmt: skip
+    data = model.data_preprocessor(
+        {"inputs": [torch.randint(0, 255, (3, 96, 96), dtype=torch.uint8)], "data_samples": [sample]}, True
+    )
     losses = model(**data, mode="loss")
     box_losses = [v for k, v in losses.items() if "bbox" in k]
-    assert box_losses and all(torch.isfinite(torch.as_tensor(v if not isinstance(v, list) else sum(v))) for v in box_losses)
+    assert box_losses and all(
+        torch.isfinite(torch.as_tensor(v if not isinstance(v, list) else sum(v))) for v in box_losses
+    )
 
 
 def test_whole_config_is_plain_and_single_class(tmp_path):
-    config = Config(build_config(DetectParams(), 0, tmp_path, tmp_path / "work"))
+    config = Config(build_config(params=DETECT, seed=0, prepared=tmp_path, work_dir=tmp_path / "work"))
     assert config.train_dataloader.dataset.metainfo == {"classes": ("wbc",)}
     assert config.train_dataloader.dataset.filter_cfg.filter_empty_gt is False  # background fields train
     assert "RTMDet" in config.pretty_text and config.resume is True
@@ -47,7 +59,7 @@ def test_whole_config_is_plain_and_single_class(tmp_path):
 def test_tiles_cover_the_image_with_the_overlap():
     assert tile_origins(100, 160, 0.5) == [0]
     starts = tile_origins(640, 160, 0.5)
-    assert starts[0] == 0 and starts[-1] == 480 and all(b - a <= 80 for a, b in zip(starts, starts[1:]))
+    assert starts[0] == 0 and starts[-1] == 480 and all(b - a <= 80 for a, b in zip(starts, starts[1:], strict=False))
 
 
 def test_cytologia_box_term_as_the_challenge_defines_it():
@@ -63,10 +75,15 @@ def test_cytologia_box_term_as_the_challenge_defines_it():
 def test_perfect_detections_score_perfectly_and_misses_cost_recall():
     truth = {"a": np.array([[0, 0, 10, 10]], float), "b": np.array([[5, 5, 25, 25], [40, 40, 60, 60]], float)}
     predictions = {name: (boxes, np.ones(len(boxes))) for name, boxes in truth.items()}
-    perfect = detection_metrics(truth, predictions, 0.5)
+    perfect = detection_metrics(truth, predictions, 0.5, 200, 0.95, 0)
     assert perfect["AP50"] == pytest.approx(1.0) and perfect["recall_50"] == 1.0 and perfect["mean_giou"] == 1.0
-    partial = detection_metrics(truth, {"b": predictions["b"]}, 0.5)
+    assert perfect["precision_50"] == 1.0 and perfect["AP50_interval"] == pytest.approx([1.0, 1.0])
+    partial = detection_metrics(truth, {"b": predictions["b"]}, 0.5, 200, 0.95, 0)
     assert partial["recall_50"] == pytest.approx(2 / 3) and partial["cytologia_box_term"] == pytest.approx(2 / 3)
+    assert (
+        partial["precision_50"] == 1.0
+        and partial["AP50_interval"][0] < partial["AP50"] < partial["AP50_interval"][1] + 1e-9
+    )
 
 
 def test_work_dir_resumes_only_the_same_config_and_data(tmp_path):
@@ -79,7 +96,23 @@ def test_work_dir_resumes_only_the_same_config_and_data(tmp_path):
 
 def test_sync_batchnorm_only_where_it_exists(tmp_path):
     """DDP on CPU (gloo) must keep plain BN; on CUDA every architecture gets SyncBN from the runner."""
-    cpu = build_config(DetectParams(), 0, tmp_path, tmp_path / "work", "pytorch", "cpu")
-    cuda = build_config(DetectParams(), 0, tmp_path, tmp_path / "work", "pytorch", "cuda")
-    assert cpu["model"]["use_syncbn"] is False and "sync_bn" not in cpu and cpu["env_cfg"]["dist_cfg"]["backend"] == "gloo"
+    common = {"params": DETECT, "seed": 0, "prepared": tmp_path, "work_dir": tmp_path / "work", "launcher": "pytorch"}
+    cpu, cuda = build_config(**common, device="cpu"), build_config(**common, device="cuda")
+    assert (
+        cpu["model"]["use_syncbn"] is False and "sync_bn" not in cpu and cpu["env_cfg"]["dist_cfg"]["backend"] == "gloo"
+    )
     assert cuda["sync_bn"] == "torch" and cuda["env_cfg"]["dist_cfg"]["backend"] == "nccl"
+
+
+def test_weighted_box_fusion_merges_agreeing_detectors():
+    first = (np.array([[10.0, 10, 50, 50]]), np.array([0.9]))
+    second = (np.array([[12.0, 10, 52, 50], [200, 200, 240, 240]]), np.array([0.7, 0.8]))
+    boxes, scores = fuse_boxes([first, second], [1.0, 1.0], 320, 320, 0.55)
+    order = np.argsort(boxes[:, 0])
+    boxes, scores = boxes[order], scores[order]
+    assert len(boxes) == 2
+    assert boxes[0] == pytest.approx([10 + 2 * 0.7 / 1.6, 10, 50 + 2 * 0.7 / 1.6, 50], abs=1e-3)  # score-weighted
+    assert scores[0] == pytest.approx(0.8) and scores[1] == pytest.approx(0.4)  # seen by one of two detectors
+    assert fuse_boxes([first], [1.0], 320, 320, 0.55) is first
+    with pytest.raises(ValueError, match="2 detectors but 1 weights"):
+        fuse_boxes([first, second], [1.0], 320, 320, 0.55)

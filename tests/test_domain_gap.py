@@ -10,10 +10,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from conftest import REPO
-from hemaflow.data.demo import generate_demo
+from conftest import load
+from hemaflow.data.demo import demo_data
 from hemaflow.data.prepare import prepare
-from hemaflow.params import load_params
 
 pytestmark = pytest.mark.slow
 
@@ -21,16 +20,24 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def prepared_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("gap")
-    params = load_params(REPO / "params.yaml")
-    generate_demo(params.demo_data, params.base.seed, root / "demo")
-    prepare_params = params.prepare.model_copy(update={"root": str(root / "demo")})
-    prepare(prepare_params, params.base.seed, root / "prepared", root / "data.json", root / "plots")
+    params = load({"prepare": {"root": str(root / "demo")}})
+    demo_data(params=params.demo_data, seed=params.base.seed, out=root / "demo")
+    prepare(
+        params=params.prepare,
+        seed=params.base.seed,
+        out=root / "prepared",
+        metrics=root / "data.json",
+        plots=root / "plots",
+    )
     return root / "prepared"
 
 
 def _features(prepared, cells: pd.DataFrame) -> np.ndarray:
     return np.stack(
-        [np.asarray(Image.open(prepared / c).resize((16, 16), Image.Resampling.BILINEAR), float).ravel() / 255 for c in cells["crop"]]
+        [
+            np.asarray(Image.open(prepared / c).resize((16, 16), Image.Resampling.BILINEAR), float).ravel() / 255
+            for c in cells["crop"]
+        ]
     )
 
 

@@ -1,59 +1,34 @@
-"""Scores and ensembles of the evaluation stage, and the cross-domain table, on hand-checked inputs."""
+"""Evaluation, prediction and the report: the numbers of `evaluate` are those of `hemaflow predict`,
+every headline number has its interval, and every link of the report resolves."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from conftest import REPO, hemaflow_command, load, run
 from hemaflow.evaluate.compare import compare
-from hemaflow.evaluate.ensemble import fuse_boxes
-from hemaflow.metrics import MISSED, cytologia_score
+from hemaflow.evaluate.evaluate import coverage_curve, evaluate
+from hemaflow.metrics import MISSED
+from hemaflow.predict import image_names
 
 
-def test_cytologia_score_by_hand():
-    truth = {
-        "a.jpg": (np.array([[0, 0, 10, 10], [20, 20, 30, 30]]), ["LY", "MO"]),
-        "b.jpg": (np.array([[0, 0, 10, 10]]), ["LY"]),
-        "c.jpg": (np.array([[5, 5, 15, 15]]), ["MO"]),  # nothing predicted here
-    }
-    predicted = {
-        # a duplicate of the first box, then a box shifted by 5 px for the second cell
-        "a.jpg": (np.array([[0, 0, 10, 10], [0, 0, 10, 10], [25, 20, 35, 30]]), ["LY", "LY", "LY"]),
-        "b.jpg": (np.array([[0, 0, 10, 10]]), ["LY"]),
-    }
-    result = cytologia_score(truth, predicted)
-    # shifted box: intersection 50, union 150 -> IoU 1/3; enclosing box 15x10 = union -> GIoU 1/3
-    rescaled = [1.0, (1 / 3 + 1) / 2, 1.0, 0.0]
-    assert result["box_term"] == pytest.approx(np.mean(rescaled))
-    assert result["matches"] == [("LY", "LY"), ("MO", "LY"), ("LY", "LY"), ("MO", MISSED)]
-    # LY: precision 2/3 (one MO predicted as LY), recall 1 -> F1 0.8; MO: F1 0 -> macro-F1 0.4
-    assert result["classification"]["macro_f1"] == pytest.approx(0.4)
-    assert result["score"] == pytest.approx(0.2 * np.mean(rescaled) + 0.8 * 0.4)
-    assert result["missed_boxes"] == 1 and result["true_boxes"] == 4
-    assert result["mean_giou"] == pytest.approx((1 + 1 / 3 + 1) / 3)
+def _links(report: Path) -> list[Path]:
+    return [
+        report.parent / target for target in re.findall(r"\]\(([^)#]+)\)", report.read_text()) if "://" not in target
+    ]
 
 
-def test_extra_predictions_cost_nothing_in_the_challenge_score():
-    truth = {"a.jpg": (np.array([[0, 0, 10, 10]]), ["LY"])}
-    alone = cytologia_score(truth, {"a.jpg": (np.array([[0, 0, 10, 10]]), ["LY"])})
-    crowded = cytologia_score(truth, {"a.jpg": (np.array([[0, 0, 10, 10], [50, 50, 60, 60]]), ["LY", "MO"])})
-    assert alone["score"] == crowded["score"] == 1.0
-
-
-def test_weighted_box_fusion_merges_agreeing_detectors():
-    first = (np.array([[10.0, 10, 50, 50]]), np.array([0.9]))
-    second = (np.array([[12.0, 10, 52, 50], [200, 200, 240, 240]]), np.array([0.7, 0.8]))
-    boxes, scores = fuse_boxes([first, second], [1.0, 1.0], 320, 320, 0.55)
-    order = np.argsort(boxes[:, 0])
-    boxes, scores = boxes[order], scores[order]
-    assert len(boxes) == 2
-    assert boxes[0] == pytest.approx([10 + 2 * 0.7 / 1.6, 10, 50 + 2 * 0.7 / 1.6, 50], abs=1e-3)  # score-weighted
-    assert scores[0] == pytest.approx(0.8) and scores[1] == pytest.approx(0.4)  # seen by one of two detectors
-    assert fuse_boxes([first], [1.0], 320, 320, 0.55) is first
-    with pytest.raises(ValueError, match="2 detectors but 1 weights"):
-        fuse_boxes([first, second], [1.0], 320, 320, 0.55)
+def test_every_link_of_the_committed_report_and_readme_resolves():
+    for page in (REPO / "reports" / "README.md", REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))):
+        missing = [str(p) for p in _links(page) if not p.exists()]
+        assert not missing, f"{page.name} links to missing files: {missing}"
 
 
 def _write(path, data):
@@ -61,23 +36,176 @@ def _write(path, data):
     path.write_text(json.dumps(data))
 
 
-def test_compare_builds_the_cross_domain_table_and_report(tmp_path):
+def _scores(value):
+    return {
+        "macro_f1": value,
+        "macro_f1_interval": [value - 0.05, value + 0.05],
+        "coarse_macro_f1": value,
+        "coarse_macro_f1_interval": [value - 0.05, value + 0.05],
+        "balanced_accuracy": value,
+        "balanced_accuracy_interval": [value - 0.05, value + 0.05],
+        "cells": 50,
+    }
+
+
+def test_compare_builds_the_table_with_intervals_and_a_report_whose_links_resolve(tmp_path, tiny_prepared):
+    prepared, _ = tiny_prepared
     metrics = tmp_path / "metrics"
-    for method, oof, target in (("none", 0.95, 0.55), ("cyclegan", 0.93, 0.81)):
+    for method, oof, target in (("none", 0.95, 0.55), ("reinhard", 0.93, 0.81)):
         _write(metrics / "classify" / f"{method}.json", {"oof": {"macro_f1": oof}})
-        _write(metrics / "evaluate" / f"{method}.json", {
-            "cytologia_score": target - 0.01, "box_term": 0.9, "macro_f1": target, "coarse_macro_f1": target,
-            "balanced_accuracy": target, "missed_boxes": 2, "cells": 50,
-            "domains": {"wbc1": {"macro_f1": target}, "other": {"single_cell": {"macro_f1": 0.5}}},
-        })  # fmt: skip
-        kid = {"mean": 0.1, "std": 0.01}
-        _write(metrics / "translate" / f"{method}.json",
-               {"ssim_luminance": 0.9, "kid_random_resnet18": {"source_to_target": kid, "translated_to_target": kid}})  # fmt: skip
+        overall = _scores(target) | {"cytologia": {"score": target, "score_interval": [0.5, 0.9], "missed_boxes": 2}}
+        _write(
+            metrics / "evaluate" / f"{method}.json",
+            {
+                "overall": overall,
+                "domains": {"wbc1": _scores(target)},
+                "calibration": {"ece": 0.05, "ece_uncalibrated": 0.2},
+            },
+        )
+    kid = {"mean": 0.1, "std": 0.01}
+    for translation in ("none", "reinhard"):
+        _write(
+            metrics / "translate" / f"{translation}.json",
+            {"ssim_luminance": 0.9, "kid_random_resnet18": {"source_to_target": kid, "translated_to_target": kid}},
+        )
+    _write(metrics / "detect.json", {"detector": "none", "reason": "no smear fields"})
+    translated = tmp_path / "translated"
+    for translation in ("none", "reinhard"):
+        shutil.copytree(prepared, translated / translation)
     report = tmp_path / "reports" / "README.md"
-    compare(["none", "cyclegan"], "cyclegan", metrics, metrics / "cross_domain.json", tmp_path / "plots", report)
+    plots = tmp_path / "plots"
+    (plots / "data").mkdir(parents=True)
+    (plots / "data" / "class_by_domain.png").write_bytes(b"png")
+    for translation in ("none", "reinhard"):
+        (plots / "translate" / translation).mkdir(parents=True)
+        (plots / "translate" / translation / "samples.png").write_bytes(b"png")
+    compare(
+        methods=["none", "reinhard"],
+        deployed="reinhard",
+        translations=["none", "reinhard"],
+        seed=0,
+        metrics=metrics,
+        prepared=prepared,
+        translated=translated,
+        out=metrics / "cross_domain.json",
+        plots=plots / "cross_domain",
+        translate_plots=plots / "translate",
+        report=report,
+    )
     table = json.loads((metrics / "cross_domain.json").read_text())
-    assert table["macro_f1"]["cyclegan"] == {"source (out-of-fold)": 0.93, "wbc1 (test)": 0.81, "other (test)": 0.5}
-    assert table["macro_f1"]["none"]["wbc1 (test)"] == 0.55 and table["selected_method"] == "cyclegan"
-    assert (tmp_path / "plots" / "table.png").stat().st_size > 1000
+    assert table["macro_f1"]["reinhard"] == {"source (out-of-fold)": 0.93, "wbc1 (test)": 0.81}
+    assert table["macro_f1_interval"]["reinhard"]["wbc1 (test)"] == pytest.approx([0.76, 0.86])
     text = report.read_text()
-    assert "| cyclegan | 0.5000 | 0.9300 | 0.8100 |" in text and "CytologIA score" in text
+    assert "| reinhard | 0.9300 | 0.8100 [0.7600, 0.8600] |" in text and "No detector took part" in text
+    assert all(p.exists() for p in _links(report)) and len(_links(report)) >= 4
+
+
+def test_coverage_curve_accepts_the_most_confident_cells_first():
+    cells = pd.DataFrame(
+        {"confidence": [0.9, 0.8, 0.6, 0.3], "fine_class": ["a", "a", "b", "b"], "predicted": ["a", "a", "a", "b"]}
+    )
+    curve = coverage_curve(cells)
+    assert list(curve["coverage"]) == [0.25, 0.5, 0.75, 1.0]
+    assert list(curve["accuracy"]) == pytest.approx([1.0, 1.0, 2 / 3, 0.75])
+
+
+def test_names_keep_the_folder_so_class_folders_do_not_collide(tmp_path):
+    for folder in ("basophil", "neutrophil"):
+        (tmp_path / "cells" / folder).mkdir(parents=True)
+        (tmp_path / "cells" / folder / "train_1.bmp").write_bytes(b"")
+    single = tmp_path / "alone.png"
+    paths = [tmp_path / "cells" / "basophil" / "train_1.bmp", tmp_path / "cells" / "neutrophil" / "train_1.bmp", single]
+    assert image_names(paths, [tmp_path / "cells", single]) == [
+        "basophil/train_1.bmp",
+        "neutrophil/train_1.bmp",
+        "alone.png",
+    ]
+
+
+@pytest.mark.slow
+def test_evaluate_scores_every_test_cell_with_intervals(tiny_models, tmp_path):
+    p = load()
+    evaluate(
+        method="none",
+        geometry=p.prepare.crop,
+        classify=p.classify,
+        review_below=0.5,
+        evaluation=p.evaluate,
+        seed=0,
+        prepared=tiny_models.prepared,
+        detections=tiny_models.detections,
+        classifier=tiny_models.classifier,
+        out=tmp_path / "cells.csv",
+        metrics=tmp_path / "m.json",
+        plots=tmp_path / "plots",
+    )
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    cells = pd.read_csv(tmp_path / "cells.csv", keep_default_na=False)
+    test = pd.read_csv(tiny_models.prepared / "cells.csv", keep_default_na=False).query(
+        "role == 'test' and fine_class != ''"
+    )
+    assert len(cells) == len(test) == metrics["overall"]["cells"]
+    wbc1 = metrics["domains"]["wbc1"]
+    for key in ("macro_f1", "coarse_macro_f1", "balanced_accuracy"):
+        low, high = wbc1[f"{key}_interval"]
+        assert low <= wbc1[key] <= high
+    fields = cells[cells["x1"] != ""]
+    assert wbc1["cytologia"]["true_boxes"] == len(fields) and wbc1["at_true_boxes"]["cells"] == len(fields)
+    assert wbc1["cytologia"]["missed_boxes"] == (fields["predicted"] == MISSED).sum()
+    single = cells[cells["x1"] == ""]
+    assert len(single) and (single["predicted"] != MISSED).all()  # single-cell images are never "missed"
+    review = metrics["review"]
+    assert review["review_share"] == pytest.approx((cells["confidence"] < 0.5).mean())
+    assert (tmp_path / "plots" / "coverage.csv").exists() and 0 <= metrics["calibration"]["ece"] <= 1
+
+
+@pytest.mark.slow
+def test_predict_rows_are_the_detect_stage_boxes_and_flag_doubtful_cells(tiny_models, tmp_path):
+    fields = tiny_models.prepared.parent / "demo" / "wbc1_fields" / "images"
+    images = sorted(fields.glob("*.jpg"))
+    result = run(
+        hemaflow_command(
+            "predict",
+            str(fields),
+            "--px-per-um",
+            "11.52",
+            "--params",
+            str(tiny_models.params_file),
+            "--detector",
+            str(tiny_models.detector),
+            "--classifier",
+            str(tiny_models.classifier),
+            "--out",
+            str(tmp_path / "pred.csv"),
+            "--annotated",
+            str(tmp_path / "annotated"),
+        )
+    )
+    assert f"{len(images)} images" in result.stdout and "ms/image" in result.stdout
+    table = pd.read_csv(tmp_path / "pred.csv", keep_default_na=False)
+    assert list(table.columns[:6]) == ["NAME", "x1", "y1", "x2", "y2", "class"]  # the CytologIA layout
+    assert set(table["review"]) <= {"", "review"}
+    assert ((table["review"] == "review") == (table["class_confidence"] < load().predict.review_below)).all()
+    detected = pd.read_csv(tiny_models.detections / "test.csv")
+    detected = detected[detected["image"].str.contains("wbc1_fields")]
+    assert len(table) == len(detected)
+    ours = np.sort(table[["x1", "y1", "x2", "y2"]].to_numpy(float), axis=0)
+    assert np.allclose(ours, np.sort(detected[["x1", "y1", "x2", "y2"]].to_numpy(float), axis=0), atol=0.06)
+    assert len(list((tmp_path / "annotated").glob("*.jpg"))) == len(images)
+    boxes_only = run(
+        hemaflow_command(
+            "predict",
+            str(fields),
+            "--px-per-um",
+            "11.52",
+            "--params",
+            str(tiny_models.params_file),
+            "--detector",
+            str(tiny_models.detector),
+            "--boxes-only",
+            "--out",
+            str(tmp_path / "b.csv"),
+        )
+    )
+    assert "cells" in boxes_only.stdout
+    assert len(pd.read_csv(tmp_path / "b.csv")) == len(table)

@@ -21,11 +21,20 @@ def test_acevedo20_subset_counts_and_prefix_classes():
     vocabulary = load_class_matrix().vocabulary("acevedo20")
     fine = Counter(vocabulary[a.label] for a in result.annotations)
     assert fine == {
-        "basophil": 150, "eosinophil": 150, "erythroblast": 150, "lymphocyte_typical": 150,
-        "monocyte": 150, "platelet": 150,
-        "metamyelocyte": 54, "myelocyte": 63, "promyelocyte": 22, "immature_granulocyte": 11,
-        "neutrophil_banded": 73, "neutrophil_segmented": 74, "neutrophil": 3,
-    }  # fmt: skip
+        "basophil": 150,
+        "eosinophil": 150,
+        "erythroblast": 150,
+        "lymphocyte_typical": 150,
+        "monocyte": 150,
+        "platelet": 150,
+        "metamyelocyte": 54,
+        "myelocyte": 63,
+        "promyelocyte": 22,
+        "immature_granulocyte": 11,
+        "neutrophil_banded": 73,
+        "neutrophil_segmented": 74,
+        "neutrophil": 3,
+    }
     assert all(a.box is None for a in result.annotations)  # single centred cells
 
 
@@ -69,23 +78,50 @@ def test_prepare_on_real_datasets_end_to_end(tmp_path):
 
     import pandas as pd
 
+    from conftest import load
     from hemaflow.data.prepare import prepare
-    from hemaflow.params import PrepareParams
 
     root = shared_dataset("bccd").parent
     shared_dataset("acevedo20_subset"), shared_dataset("cellavision_blog")
-    params = PrepareParams(
-        root=str(root),
-        datasets=[
-            {"name": "pbc", "format": "acevedo20", "path": "acevedo20_subset", "role": "source", "px_per_um": 10.0},
-            {"name": "bccd_test", "format": "bccd", "path": "bccd", "subset": "test", "role": "test", "px_per_um": 8.0},
-            {"name": "cellavision", "format": "segmentation_wbc", "path": "cellavision_blog", "role": "test", "px_per_um": 10.0},
-        ],
-        folds=5,
-    )
-    prepare(params, 0, tmp_path / "prepared", tmp_path / "data.json", tmp_path / "plots")
+    params = load(
+        {
+            "prepare": {
+                "root": str(root),
+                "folds": 5,
+                "datasets": [
+                    {
+                        "name": "pbc",
+                        "format": "acevedo20",
+                        "path": "acevedo20_subset",
+                        "role": "source",
+                        "px_per_um": 10.0,
+                    },
+                    {
+                        "name": "bccd_test",
+                        "format": "bccd",
+                        "path": "bccd",
+                        "subset": "test",
+                        "role": "test",
+                        "px_per_um": 8.0,
+                    },
+                    {
+                        "name": "cellavision",
+                        "format": "segmentation_wbc",
+                        "path": "cellavision_blog",
+                        "role": "test",
+                        "px_per_um": 10.0,
+                    },
+                ],
+            }
+        }
+    ).prepare
+    prepare(params=params, seed=0, out=tmp_path / "prepared", metrics=tmp_path / "data.json", plots=tmp_path / "plots")
     cells = pd.read_csv(tmp_path / "prepared" / "cells.csv", keep_default_na=False)
-    assert Counter(cells["dataset"]) == {"pbc": 1200, "bccd_test": 71, "cellavision": 100}  # BCCD test split: 72 images, 71 WBC boxes, 4 without
+    assert Counter(cells["dataset"]) == {
+        "pbc": 1200,
+        "bccd_test": 71,
+        "cellavision": 100,
+    }  # BCCD test split: 72 images, 71 WBC boxes, 4 without
     pbc = cells[cells["dataset"] == "pbc"]
     assert set(pbc["fold"]) == set(range(5))
     per_fold = pbc.groupby("fold").size()

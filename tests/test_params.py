@@ -1,16 +1,16 @@
+"""params.yaml is validated at load, documented from its schema, and checked for names before anything runs."""
+
 from __future__ import annotations
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
-from conftest import REPO
-from hemaflow.params import ParamsError, load_params, parse_params
+from conftest import REPO, params_data
+from hemaflow.cli import app
+from hemaflow.params import ParamsError, load_params, params_markdown, parse_params
 
-
-def _params(**prepare_overrides) -> dict:
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
-    data["prepare"].update(prepare_overrides)
-    return data
+runner = CliRunner()
 
 
 def test_repository_params_are_valid():
@@ -19,19 +19,25 @@ def test_repository_params_are_valid():
 
 
 def test_unknown_nested_key_is_named_with_its_full_path():
-    data = _params()
-    data["prepare"]["crop"]["fov_umm"] = 25
+    data = params_data({"prepare": {"crop": {"fov_umm": 25}}})
     with pytest.raises(ParamsError, match=r"prepare\.crop\.fov_umm: unknown key"):
+        parse_params(data)
+
+
+def test_a_missing_key_is_named_because_params_yaml_holds_every_value():
+    data = params_data()
+    del data["classify"]["epochs"]
+    with pytest.raises(ParamsError, match=r"classify\.epochs: missing"):
         parse_params(data)
 
 
 def test_wrong_type_names_key_and_expected_type():
     with pytest.raises(ParamsError, match=r"prepare\.folds: Input should be a valid integer.*'five'"):
-        parse_params(_params(folds="five"))
+        parse_params(params_data({"prepare": {"folds": "five"}}))
 
 
 def test_every_bad_key_is_reported_at_once():
-    data = _params(folds=1)
+    data = params_data({"prepare": {"folds": 1}})
     data["prepare"]["datasets"][0]["format"] = "jpeg_pile"
     with pytest.raises(ParamsError) as error:
         parse_params(data)
@@ -39,16 +45,17 @@ def test_every_bad_key_is_reported_at_once():
     assert "prepare.datasets.0.format" in str(error.value) and "acevedo20" in str(error.value)
 
 
-def test_validation_fold_must_exist():
+def test_cross_section_rules():
     with pytest.raises(ParamsError, match="val_fold=5 must be below folds=5"):
-        parse_params(_params(val_fold=5))
-
-
-def test_a_labelled_source_is_required():
-    data = _params()
+        parse_params(params_data({"prepare": {"val_fold": 5}}))
+    data = params_data()
     data["prepare"]["datasets"] = [d for d in data["prepare"]["datasets"] if d["role"] != "source"]
     with pytest.raises(ParamsError, match="role 'source'"):
         parse_params(data)
+    with pytest.raises(ParamsError, match=r"adapt\.methods\.reinhard\.translate=reinhard is not in translate\.methods"):
+        parse_params(params_data({"translate": {"methods": ["none"]}}))
+    with pytest.raises(ParamsError, match="deploy=nothing is not one of the methods"):
+        parse_params(params_data({"adapt": {"deploy": "nothing"}}))
 
 
 def test_missing_and_malformed_files_name_the_file(tmp_path):
@@ -58,3 +65,29 @@ def test_missing_and_malformed_files_name_the_file(tmp_path):
     bad.write_text("prepare: [unclosed\n")
     with pytest.raises(ParamsError, match="bad.yaml: not valid YAML"):
         load_params(bad)
+
+
+def test_the_params_reference_is_current_and_documents_every_key():
+    assert (REPO / "docs" / "params.md").read_text() == params_markdown(), "run `hemaflow params docs`"
+    documented = params_markdown()
+    for section, values in yaml.safe_load((REPO / "params.yaml").read_text()).items():
+        for key in values:
+            assert f"`{section}.{key}" in documented, f"{section}.{key}"
+    assert "| `classify.epochs` | int | > 0 |" in documented
+
+
+def test_params_check_names_a_misspelt_backbone_and_a_missing_dataset_folder(tmp_path):
+    data = params_data({"model": {"backbone": "resnet181"}, "prepare": {"root": str(tmp_path)}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    result = runner.invoke(app, ["params", "check", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    message = result.output.strip()
+    assert message.count("\n") == 0, "one line"
+    assert "model.backbone: unknown timm model 'resnet181'" in message and "resnet18" in message
+    assert f"prepare.datasets.0.path: {tmp_path / 'acevedo'} not found" in message
+
+
+def test_params_check_accepts_params_whose_names_all_resolve(tiny_prepared):
+    _, params_file = tiny_prepared
+    result = runner.invoke(app, ["params", "check", "--params", str(params_file)])
+    assert result.exit_code == 0, result.output

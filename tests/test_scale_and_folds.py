@@ -27,7 +27,9 @@ def _disc_image(px_per_um: float, size_px: int, diameter_um: float) -> np.ndarra
 
 @pytest.mark.parametrize("px_per_um,size_px", [(10.0, 363), (13.8, 400), (11.52, 288)])
 def test_a_cell_has_the_same_size_in_pixels_whichever_scanner(px_per_um, size_px):
-    crop, grown = crop_cell(_disc_image(px_per_um, size_px, 12.0), None, px_per_um, fov_um=25.0, pixels=100, margin_px=0)
+    crop, grown = crop_cell(
+        _disc_image(px_per_um, size_px, 12.0), None, px_per_um, fov_um=25.0, pixels=100, margin_px=0
+    )
     diameter_px = (crop[50, :, 0] < 145).sum()
     assert not grown and abs(diameter_px - 12.0 / 25.0 * 100) <= 1.5
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -14,8 +12,8 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import kill_when
-from hemaflow.params import AdaptationMethod, CycleGanParams, ParamsError, parse_params
+from conftest import hemaflow_command, kill_when, params_data, run
+from hemaflow.params import ParamsError, Translation, parse_params
 from hemaflow.translate.cyclegan import ImagePool, PatchDiscriminator, ResnetGenerator
 from hemaflow.translate.domain import FeatureNet, kernel_distance, mean_ssim
 from hemaflow.translate.normalizers import fit_normalizer
@@ -53,16 +51,12 @@ def test_image_pool_fills_then_mixes_history():
 
 
 def test_translate_params_are_validated():
-    base = yaml.safe_load(open("params.yaml"))
-    base["translate"]["method"] = "cyclegan"
-    base["translate"]["methods"] = ["none", "reinhard"]
-    with pytest.raises(ParamsError, match="translate.method=cyclegan is not in translate.methods"):
-        parse_params(base)
-    base["translate"]["methods"] = ["cyclegan"]
-    base["translate"]["cyclegan"]["img_size"] = 30
+    with pytest.raises(ParamsError, match="cyclegan runs in its own stage"):
+        parse_params(params_data({"translate": {"methods": ["none", "cyclegan"]}}))
     with pytest.raises(ParamsError, match="translate.cyclegan.img_size"):
-        parse_params(base)
-    assert CycleGanParams().n_blocks == 9 and CycleGanParams().lambda_identity == 0.5  # the reference recipe
+        parse_params(params_data({"translate": {"cyclegan": {"img_size": 30}}}))
+    reference = yaml.safe_load(open("profiles/gpu.yaml"))["translate"]["cyclegan"]
+    assert reference["n_blocks"] == 9 and reference["ngf"] == reference["ndf"] == 64  # the reference recipe
 
 
 def _stained(colour, rng, n=12):
@@ -79,7 +73,7 @@ def _stained(colour, rng, n=12):
 def test_reinhard_moves_the_colours_to_the_target():
     rng = np.random.default_rng(0)
     source, target = _stained((90, 40, 140), rng), _stained((60, 110, 70), rng)
-    normalise = fit_normalizer(AdaptationMethod.reinhard, target)
+    normalise = fit_normalizer(Translation.reinhard, target)
     moved = [normalise(image) for image in source]
     gap_before = np.abs(np.mean(source, axis=(0, 1, 2)) - np.mean(target, axis=(0, 1, 2))).sum()
     gap_after = np.abs(np.mean(moved, axis=(0, 1, 2)) - np.mean(target, axis=(0, 1, 2))).sum()
@@ -89,7 +83,7 @@ def test_reinhard_moves_the_colours_to_the_target():
 
 def test_macenko_reports_an_image_it_cannot_fit():
     rng = np.random.default_rng(0)
-    normalise = fit_normalizer(AdaptationMethod.macenko, _stained((60, 110, 70), rng))
+    normalise = fit_normalizer(Translation.macenko, _stained((60, 110, 70), rng))
     assert normalise(np.full((48, 48, 3), 250, np.uint8)) is None  # no stained pixel at all
 
 
@@ -103,82 +97,73 @@ def test_ssim_and_kid_tell_similar_from_different():
     assert different > same + 10 * abs(same)
 
 
-def _tiny_gan_params(params_file, tmp_path, **cyclegan):
-    data = yaml.safe_load(params_file.read_text())
-    tiny = {"img_size": 32, "ngf": 8, "ndf": 8, "n_blocks": 1, "epochs": 1, "epochs_decay": 1, "batch_size": 4}
-    data["translate"]["cyclegan"].update(tiny | cyclegan)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 def _train_command(prepared, params_file, root):
-    return [sys.executable, "-m", "hemaflow", "train-translator", "--params", str(params_file), "--prepared", str(prepared),
-            "--out", str(root / "translator"), "--metrics", str(root / "metrics.json"), "--plots", str(root / "plots"),
-            "--state", str(root / "state")]  # fmt: skip
+    return hemaflow_command(
+        "train-translator",
+        params=params_file,
+        prepared=prepared,
+        out=root / "translator",
+        metrics=root / "metrics.json",
+        plots=root / "plots",
+        state=root / "state",
+    )
 
 
-def _run(command):
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
+@pytest.fixture(scope="module")
+def translator(tiny_models, tmp_path_factory):
+    """A tiny CycleGAN trained once (2 epochs) for the tests below: (its folder, the params file)."""
+    root = tmp_path_factory.mktemp("translator")
+    run(_train_command(tiny_models.prepared, tiny_models.params_file, root))
+    return root, tiny_models.params_file
 
 
 @pytest.mark.slow
-def test_translator_trains_translates_and_keeps_labels(tiny_prepared, tmp_path):
-    prepared, params_file = tiny_prepared
-    tiny = _tiny_gan_params(params_file, tmp_path)
-    _run(_train_command(prepared, tiny, tmp_path))
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+def test_translator_trains_translates_and_keeps_labels(tiny_models, translator, tmp_path):
+    trained, tiny = translator
+    metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and set(metrics["final_losses"]) >= {"G_A", "cycle_A", "idt_A", "D_A"}
-    assert (tmp_path / "plots" / "samples.png").stat().st_size > 1000
-    assert not list((tmp_path / "state").iterdir())  # the resume state goes once the model is written
-
-    cells = pd.read_csv(prepared / "cells.csv", keep_default_na=False)
-    source = cells[(cells["role"] == "source") & (cells["fine_class"] != "")]
-    # a detector that finds every training-field cell 2 px off its true box
-    on_fields = source[source["x1"] != ""]
-    boxes = on_fields[["x1", "y1", "x2", "y2"]].astype(float)
-    detections = boxes.assign(image=on_fields["image"], x1=boxes["x1"] + 2, x2=boxes["x2"] + 2, score=0.9)
-    (tmp_path / "detections").mkdir()
-    for split in ("train", "val"):
-        detections[on_fields["split"] == split].to_csv(tmp_path / "detections" / f"{split}.csv", index=False)
+    assert (trained / "plots" / "samples.png").stat().st_size > 1000
+    assert not list((trained / "state").iterdir())  # the resume state goes once the model is written
 
     out = tmp_path / "translated"
-    _run([sys.executable, "-m", "hemaflow", "translate-cells", "--params", str(tiny), "--method", "cyclegan",
-          "--prepared", str(prepared), "--translator", str(tmp_path / "translator"), "--out", str(out),
-          "--detections", str(tmp_path / "detections"),
-          "--metrics", str(tmp_path / "cyclegan.json"), "--plots", str(tmp_path / "cg_plots")])  # fmt: skip
+    common = {"params": tiny, "metrics": tmp_path / "cyclegan.json", "plots": tmp_path / "cg"}
+    run(
+        hemaflow_command(
+            "translate",
+            method="cyclegan",
+            crops=tiny_models.crops,
+            prepared=tiny_models.prepared,
+            translator=trained / "translator",
+            out=out,
+            **common,
+        )
+    )
+    source = pd.read_csv(tiny_models.crops / "cells.csv", keep_default_na=False)
     translated = pd.read_csv(out / "cells.csv", keep_default_na=False)
     assert list(translated["cell_id"]) == list(source["cell_id"])
     assert list(translated["fine_class"]) == list(source["fine_class"])  # labels kept
-    assert (translated["crop_from"] == "detection").sum() == len(on_fields) > 0  # smear cells cut as at inference
-    assert set(translated.loc[translated["x1"] == "", "crop_from"]) == {"image"}
+    assert set(translated["translation"]) == {"cyclegan"}
     first = Image.open(out / translated["crop"].iloc[0])
-    assert first.size == Image.open(prepared / source["crop"].iloc[0]).size
+    assert first.size == Image.open(tiny_models.crops / source["crop"].iloc[0]).size
     scores = json.loads((tmp_path / "cyclegan.json").read_text())
     assert 0 < scores["ssim_luminance"] < 1 and scores["cells"] == len(source)
-    assert scores["crops_from"]["detection"] == len(on_fields) and 0.5 < scores["mean_match_giou"] < 1
 
     apply_dir = tmp_path / "applied"
-    _run([sys.executable, "-m", "hemaflow", "translate", str(prepared / source["crop"].iloc[0]), "--out", str(apply_dir),
-          "--model", str(tmp_path / "translator"), "--params", str(tiny)])  # fmt: skip
+    first_crop = tiny_models.crops / source["crop"].iloc[0]
+    run(hemaflow_command("translate-images", first_crop, out=apply_dir, model=trained / "translator", params=tiny))
     assert len(list(apply_dir.glob("*.png"))) == 1
 
 
 @pytest.mark.slow
-def test_a_killed_translator_resumes_and_ends_as_an_uninterrupted_one(tiny_prepared, tmp_path):
-    prepared, params_file = tiny_prepared
-    tiny = _tiny_gan_params(params_file, tmp_path, epochs=3, epochs_decay=3)
-    _run(_train_command(prepared, tiny, tmp_path / "whole"))
-
-    command = _train_command(prepared, tiny, tmp_path / "killed")
-    state = tmp_path / "killed" / "state" / "cyclegan.state.pt"
-    kill_when(command, lambda: state.exists() and torch.load(state, weights_only=True)["epoch"] >= 2)
-    resumed = _run(command)
-    assert "resuming after epoch" in resumed.stdout + resumed.stderr
+def test_a_killed_translator_resumes_and_ends_as_an_uninterrupted_one(tiny_models, translator, tmp_path):
+    trained, tiny = translator
+    command = _train_command(tiny_models.prepared, tiny, tmp_path)
+    state = tmp_path / "state" / "cyclegan.state.pt"
+    kill_when(command, lambda: state.exists() and torch.load(state, weights_only=True)["epoch"] >= 1)
+    resumed = run(command)
+    assert "resuming after epoch 1" in resumed.stdout + resumed.stderr
 
     def losses(root):
         return json.loads((root / "metrics.json").read_text())["final_losses"]
 
-    assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
+    assert losses(tmp_path) == losses(trained)  # to the bit: CPU training is deterministic

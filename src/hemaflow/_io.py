@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,7 +20,16 @@ from PIL import Image
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["atomic_dir", "write_bytes", "write_csv", "write_figure", "write_image", "write_json", "write_tensors", "write_text"]
+__all__ = [
+    "atomic_dir",
+    "write_bytes",
+    "write_csv",
+    "write_figure",
+    "write_image",
+    "write_json",
+    "write_tensors",
+    "write_text",
+]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -53,12 +62,9 @@ def write_tensors(path: str | Path, tensors: dict) -> None:
 
 
 def write_figure(path: str | Path, figure: Figure, dpi: int = 110) -> None:
-    """Save a matplotlib figure (format from the suffix) atomically and close it."""
+    """Save a matplotlib ``Figure`` (built without pyplot: no global state, no backend) atomically."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format=Path(path).suffix[1:], dpi=dpi)
-    import matplotlib.pyplot as plt  # only plotting stages pay for the import
-
-    plt.close(figure)
     write_bytes(path, buffer.getvalue())
 
 
@@ -70,8 +76,19 @@ def write_image(path: str | Path, image: np.ndarray | Image.Image) -> None:
     write_bytes(path, buffer.getvalue())
 
 
+def _finite(data: object) -> object:
+    """NaN and infinities as null: JSON has no NaN, and DVC's metrics diff would choke on it."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(v) for v in data]
+    return data
+
+
 def write_json(path: str | Path, data: object) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(_finite(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def write_csv(path: str | Path, frame: pd.DataFrame) -> None:

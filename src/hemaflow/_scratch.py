@@ -17,9 +17,11 @@ def scratch_env() -> dict[str, str]:
     return os.environ | {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "DVC_NO_ANALYTICS": "true",
-        "GIT_AUTHOR_NAME": "hemaflow", "GIT_AUTHOR_EMAIL": "hemaflow@example.org",
-        "GIT_COMMITTER_NAME": "hemaflow", "GIT_COMMITTER_EMAIL": "hemaflow@example.org",
-    }  # fmt: skip
+        "GIT_AUTHOR_NAME": "hemaflow",
+        "GIT_AUTHOR_EMAIL": "hemaflow@example.org",
+        "GIT_COMMITTER_NAME": "hemaflow",
+        "GIT_COMMITTER_EMAIL": "hemaflow@example.org",
+    }
 
 
 def scratch_repository(
@@ -30,7 +32,10 @@ def scratch_repository(
     ``skip`` leaves files out; ``files`` replaces (or adds) files by content before the commit.
     """
     listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=source, check=True, capture_output=True
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=source,
+        check=True,
+        capture_output=True,
     ).stdout.decode()
     for name in filter(None, listed.split("\0")):
         if (source / name).is_file() and not skip(name):

@@ -1,22 +1,36 @@
-"""Metrics shared by the stages: pure functions over label sequences and box arrays.
+"""Metrics shared by the stages: pure functions over label sequences, box arrays and probabilities.
 
 Boxes are ``x1, y1, x2, y2`` arrays in one pixel frame. The CytologIA score follows the
 organisers' evaluation as re-implemented by the challenge's 2nd-place team (see
-``cytologia_score``).
+``cytologia_score``). Confidence intervals are percentile bootstraps over test *images*: the
+cells of one image are resampled together (``bootstrap_interval``), since cells of one smear
+are not independent.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-
 from sklearn.metrics import balanced_accuracy_score, f1_score, precision_recall_fscore_support
 from torchvision.ops import box_iou, generalized_box_iou
 
-__all__ = ["MISSED", "Boxes", "best_giou_matches", "classification_metrics", "cytologia_box_term", "cytologia_score"]
+__all__ = [
+    "MISSED",
+    "Boxes",
+    "average_precision",
+    "best_f1_threshold",
+    "best_giou_matches",
+    "bootstrap_interval",
+    "classification_metrics",
+    "cytologia_box_term",
+    "cytologia_score",
+    "expected_calibration_error",
+    "greedy_matches",
+    "label_scores",
+]
 
 Boxes = np.ndarray  # (N, 4) float
 MISSED = "(missed)"  # the predicted class of a true box no prediction matched
@@ -33,7 +47,9 @@ def classification_metrics(truth: Sequence[str], predicted: Sequence[str]) -> di
         raise ValueError("no ground truth to score")
     with warnings.catch_warnings():  # predicted labels outside the truth (a missed box) are expected here
         warnings.simplefilter("ignore", UserWarning)
-        precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=labels, zero_division=0)
+        precision, recall, f1, support = precision_recall_fscore_support(
+            truth, predicted, labels=labels, zero_division=0
+        )
         macro_f1 = f1_score(truth, predicted, labels=labels, average="macro", zero_division=0)
         balanced_accuracy = balanced_accuracy_score(truth, predicted)
     return {
@@ -50,7 +66,7 @@ def classification_metrics(truth: Sequence[str], predicted: Sequence[str]) -> di
 def _pairwise(fn, truth: Boxes, predicted: Boxes) -> np.ndarray:
     if len(truth) == 0 or len(predicted) == 0:
         return np.zeros((len(truth), len(predicted)))
-    return fn(torch.as_tensor(truth, dtype=torch.float64), torch.as_tensor(predicted, dtype=torch.float64)).numpy()
+    return fn(torch.tensor(np.asarray(truth, np.float64)), torch.tensor(np.asarray(predicted, np.float64))).numpy()
 
 
 def best_giou_matches(truth: Boxes, predicted: Boxes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -116,4 +132,124 @@ def cytologia_score(
         "true_boxes": len(actual),
         "matches": list(zip(actual, chosen, strict=True)),
         "classification": scores,
+    }
+
+
+def greedy_matches(truth: Boxes, predicted: Boxes, scores: np.ndarray, iou_threshold: float = 0.5) -> np.ndarray:
+    """COCO's matching on one image: by falling score, each prediction takes the unmatched true box
+    of highest IoU at or above the threshold. Returns a true-positive flag per prediction, in score order.
+    """
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    iou = _pairwise(box_iou, np.asarray(predicted, dtype=np.float64).reshape(-1, 4)[order], truth)
+    taken = np.zeros(len(truth), dtype=bool)
+    hits = np.zeros(len(order), dtype=bool)
+    for k in range(len(order)):
+        candidates = np.where(~taken & (iou[k] >= iou_threshold), iou[k], -1.0) if len(truth) else np.zeros(0)
+        if len(candidates) and candidates.max() >= 0:
+            taken[candidates.argmax()] = hits[k] = True
+    return hits
+
+
+def _pooled(per_image: Sequence[tuple[np.ndarray, np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, int]:
+    scores = np.concatenate([np.sort(np.asarray(s))[::-1] for s, _, _ in per_image]) if per_image else np.zeros(0)
+    hits = np.concatenate([h for _, h, _ in per_image]) if per_image else np.zeros(0, bool)
+    order = np.argsort(-scores, kind="stable")
+    return scores[order], hits[order], sum(n for _, _, n in per_image)
+
+
+def average_precision(per_image: Sequence[tuple[np.ndarray, np.ndarray, int]]) -> float:
+    """AP from per-image (scores, true-positive flags in score order, true boxes), as COCO computes
+    it: precision made monotone, sampled at 101 recall points (pycocotools' AP50 for IoU 0.5 flags).
+    """
+    _, hits, total = _pooled(per_image)
+    if total == 0:
+        return float("nan")
+    if len(hits) == 0:
+        return 0.0
+    tp = np.cumsum(hits)
+    recall = tp / total
+    precision = tp / np.arange(1, len(hits) + 1)
+    precision = np.maximum.accumulate(precision[::-1])[::-1] if len(precision) else precision
+    points = np.linspace(0, 1, 101)
+    index = np.searchsorted(recall, points, side="left")
+    sampled = np.where(index < len(precision), precision[np.minimum(index, len(precision) - 1)], 0.0)
+    return float(sampled.mean())
+
+
+def best_f1_threshold(per_image: Sequence[tuple[np.ndarray, np.ndarray, int]]) -> tuple[float, float]:
+    """The score threshold with the highest F1 at the flags' IoU (the highest such threshold on ties), and that F1.
+
+    Greedy matching runs in score order, so the matches above a threshold are the matches of the
+    predictions above it: one pass over the sorted scores scores every threshold.
+    """
+    scores, hits, total = _pooled(per_image)
+    if total == 0 or len(scores) == 0:
+        return 1.0, 0.0
+    tp = np.cumsum(hits)
+    f1 = 2 * tp / (np.arange(1, len(hits) + 1) + total)
+    last = np.r_[scores[1:] != scores[:-1], True]  # a threshold keeps every prediction of equal score
+    best = np.flatnonzero(last & (f1 == f1[last].max()))[0]
+    return float(scores[best]), float(f1[best])
+
+
+def bootstrap_interval(
+    statistic: Callable[[np.ndarray], float],
+    groups: Sequence[object],
+    resamples: int,
+    confidence: float,
+    seed: int,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(indices)`` over items, resampling whole groups.
+
+    ``groups[i]`` is the group (test image) of item ``i``; each resample draws as many groups as
+    there are, with replacement, and passes the indices of all their items to ``statistic``.
+    """
+    labels, members = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    by_group = [np.flatnonzero(members == g) for g in range(len(labels))]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        drawn = rng.integers(0, len(by_group), len(by_group))
+        values.append(statistic(np.concatenate([by_group[g] for g in drawn])))
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by the bins' sizes."""
+    confidence, correct = np.asarray(confidence, np.float64), np.asarray(correct, np.float64)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            error += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(error)
+
+
+def label_scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """Macro-F1, balanced accuracy and accuracy of integer-coded labels (the bootstrap's fast path).
+
+    The same definitions as ``classification_metrics``: averages over the classes present in
+    ``truth``; a predicted class absent from ``truth`` only costs the others precision.
+    """
+    truth, predicted = np.asarray(truth), np.asarray(predicted)
+    size = int(max(truth.max(initial=0), predicted.max(initial=0))) + 1
+    confusion = np.bincount(truth * size + predicted, minlength=size * size).reshape(size, size)
+    present = np.unique(truth)
+    tp = np.diag(confusion)[present].astype(np.float64)
+    support = confusion.sum(1)[present]
+    predicted_count = confusion.sum(0)[present]
+    denominator = support + predicted_count
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    return {
+        "macro_f1": float(f1.mean()),
+        "balanced_accuracy": float((tp / support).mean()),
+        "accuracy": float((truth == predicted).mean()),
     }

@@ -1,16 +1,18 @@
 """Typed, validated pipeline parameters: the one place where ``params.yaml`` is read.
 
-Every section of ``params.yaml`` is a frozen pydantic model that rejects unknown keys, so a typo
-fails at load time with the full key path (``prepare.crop.fov_um``) instead of being ignored.
-Section names match the DVC stages that read them (``demo_data``, ``prepare``), and each stage's
-``params:`` list in ``dvc.yaml`` names exactly the sections its command reads.
+Every section is a frozen pydantic model that rejects unknown keys, so a typo fails at load
+time with the full key path (``prepare.crop.fov_um``) instead of being ignored. This file holds
+types, bounds and one docstring per key, and no values: ``params.yaml`` is the one place for
+values (profiles under ``profiles/`` overlay it). Section names match the stages that read them,
+and each stage's ``params:`` list in ``dvc.yaml`` names exactly the keys its command reads.
+``hemaflow params docs`` turns these docstrings into ``docs/params.md``.
 """
 
 from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,9 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hemaflow.errors import HemaflowError
 
 __all__ = [
-    "AdaptationMethod",
+    "AdaptParams",
     "AugmentParams",
-    "Balance",
     "BaseParams",
     "ClassifyParams",
     "CropParams",
@@ -31,21 +32,29 @@ __all__ = [
     "DetectParams",
     "DetectorModelParams",
     "EnsembleMember",
+    "EvaluateParams",
     "FieldParams",
     "ModelParams",
     "Params",
     "ParamsError",
-    "Precision",
     "PredictParams",
     "PrepareParams",
+    "Recipe",
     "Role",
+    "TrainingCropParams",
+    "Translation",
     "TranslateParams",
     "load_params",
+    "params_markdown",
+    "parse_params",
 ]
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["bf16", "fp16", "fp32"]
 
 
 class ParamsError(HemaflowError):
@@ -53,37 +62,47 @@ class ParamsError(HemaflowError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class BaseParams(_Section):
     """Shared by every stage."""
 
-    seed: int = 42  # one seed for data generation, folds and training, so a run is repeatable
+    seed: int
+    """Seed of data generation, folds and training: the same seed gives the same bytes."""
+    cpu_threads: PositiveInt
+    """Threads of CPU math. Results are reproducible for a given count (it orders parallel sums); 2 on CI machines."""
 
 
 class DemoDataParams(_Section):
-    """The synthetic demo datasets (``hemaflow demo-data``)."""
+    """The synthetic demo datasets (stage ``demo_data``)."""
 
-    cells_per_class: PositiveInt = 24  # single-cell images per class and stain domain
-    fields_per_domain: PositiveInt = 40  # smear fields (1-3 white cells each) per domain
-    background_fields: Fraction = 0.15  # share of smear fields with no white cell at all
-    target_unlabelled_cells: PositiveInt = 96  # unlabelled target-domain cells for adaptation
-    workers: PositiveInt = 2  # rendering processes; the output does not depend on it
+    cells_per_class: PositiveInt
+    """Single-cell images per class in each labelled source domain."""
+    fields_per_domain: PositiveInt
+    """Smear fields (1-3 white cells each) per domain."""
+    background_fields: Fraction
+    """Share of smear fields without any white cell."""
+    target_unlabelled_cells: PositiveInt
+    """Unlabelled target-domain cells, the only target images adaptation may look at."""
+    target_test_cells: NonNegativeInt
+    """Labelled single-cell target images held out for evaluation (sizes the confidence intervals)."""
+    workers: PositiveInt
+    """Rendering processes; the bytes written do not depend on it."""
 
 
 class Role(str, Enum):
     """What a dataset is used for."""
 
     source = "source"  # labelled: trains detector and classifier
-    target = "target"  # unlabelled target domain: only adaptation (stain translation) sees it
+    target = "target"  # unlabelled target domain: only adaptation sees it
     test = "test"  # labelled, held out: evaluation only, never trained on
 
 
 class DatasetFormat(str, Enum):
     """Native layouts that ``hemaflow data import`` and ``prepare`` read."""
 
-    acevedo20 = "acevedo20"  # <class>/<PREFIX>_<n>.jpg, finer classes in prefixes
+    acevedo20 = "acevedo20"  # <class>/<PREFIX>_<n>.jpg, finer classes in prefixes (PBC_dataset_normal_DIB too)
     matek19 = "matek19"  # <ABBR>/*.tiff (AML-Cytomorphology_LMU)
     hematologist = "hematologist"  # <common class>/* (Help a hematologist out, 11 classes)
     unlabelled = "unlabelled"  # any folder tree of single-cell images (WBC1/WBC2 DATA-VAL)
@@ -97,14 +116,21 @@ class DatasetParams(_Section):
     """One dataset taking part in ``prepare``."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Name in cell ids, findings and metrics."""
     format: DatasetFormat
-    path: str  # relative to prepare.root
+    """Native layout (see ``hemaflow data import --help``)."""
+    path: str
+    """Folder, relative to ``prepare.root``."""
     role: Role
-    px_per_um: PositiveFloat  # physical scale; real sources differ (Acevedo 10, Matek 13.8, WBC1 11.52)
-    domain: str | None = None  # stain domain; defaults to the dataset name
-    # Source label -> fine class (or null to drop the rows, reported); wins over classes.yaml.
+    """source (labelled training data), target (unlabelled, adaptation only) or test (labelled, evaluation only)."""
+    px_per_um: PositiveFloat
+    """Physical scale in pixels per micrometre (Acevedo_20 10, Matek_19 13.8, WBC1 11.52)."""
+    domain: str | None = None
+    """Stain domain (laboratory, scanner); several datasets may share one. Default: the dataset name."""
     label_map: dict[str, str | None] = Field(default_factory=dict)
-    subset: str | None = None  # an official split file to read (BCCD: ImageSets/Main/<subset>.txt)
+    """Native label -> fine class, or null to drop the rows (reported); wins over classes.yaml."""
+    subset: str | None = None
+    """An official split file to read (BCCD: ImageSets/Main/<subset>.txt)."""
 
     @property
     def domain_name(self) -> str:
@@ -114,32 +140,42 @@ class DatasetParams(_Section):
 class CropParams(_Section):
     """Single-cell crops for the classifier and the translator."""
 
-    fov_um: PositiveFloat = 25.0  # common physical field of view (the HIDA challenge used 25 um)
-    pixels: PositiveInt = 64  # crop side in pixels after resampling: the classifier's input scale
-    margin_px: Annotated[int, Field(ge=0)] = 16  # margin around a box, at the crop's scale
+    fov_um: PositiveFloat
+    """Common physical field of view of a crop, in micrometres (the HIDA challenge used 25)."""
+    pixels: PositiveInt
+    """Crop side after resampling: the classifier's input scale is pixels / fov_um px/um."""
+    margin_px: NonNegativeInt
+    """Margin around a box at the crop's scale; a box that does not fit widens the field of view."""
 
 
 class FieldParams(_Section):
     """Smear fields for the detector."""
 
-    px_per_um: PositiveFloat = 4.0  # the detector's pixel size: every field is resampled to it
-    # Share of training fields without white cells. When the data has fewer, fields with cells are
-    # copied with their cells painted out (Otsu mask + inpainting) until it is reached.
-    min_background: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    px_per_um: PositiveFloat
+    """The detector's pixel size: every field is resampled to it."""
+    min_background: Annotated[float, Field(ge=0, lt=1)]
+    """Share of training fields without white cells; fields are copied with their cells painted out to reach it."""
 
 
 class PrepareParams(_Section):
-    """Ingest, validate, unify classes, normalise scale, split (``hemaflow prepare``)."""
+    """Ingest, validate and repair, unify classes, normalise scale, split (stage ``prepare``)."""
 
-    root: str = "data/demo"  # folder the dataset paths are relative to (data/raw for real data)
+    root: str
+    """Folder the dataset paths are relative to: data/demo (the demo) or data/raw (versioned by data.dvc)."""
     datasets: list[DatasetParams]
-    folds: Annotated[int, Field(ge=2)] = 5
-    val_fold: Annotated[int, Field(ge=0)] = 0  # fold used as validation by the training stages
-    crop: CropParams = CropParams()
-    fields: FieldParams = FieldParams()
-    box_tolerance_px: Annotated[float, Field(ge=0)] = 8.0  # boxes this far outside are clipped
-    max_pixels: PositiveInt = 40_000_000  # larger images are rejected before decoding
-    workers: Annotated[int, Field(ge=0)] = 2  # processes decoding images (0 = in-process)
+    """The datasets taking part."""
+    folds: Annotated[int, Field(ge=2)]
+    """Stratified folds of the labelled source images."""
+    val_fold: NonNegativeInt
+    """The fold the detector validates on (and the first classifier fold holds out)."""
+    crop: CropParams
+    fields: FieldParams
+    box_tolerance_px: Annotated[float, Field(ge=0)]
+    """Boxes reaching this far outside their image are clipped; further ones are rejected."""
+    max_pixels: PositiveInt
+    """Larger images are rejected from their header, before decoding."""
+    workers: NonNegativeInt
+    """Processes decoding images (0: in-process)."""
 
     @field_validator("datasets")
     @classmethod
@@ -159,183 +195,319 @@ class PrepareParams(_Section):
         return self
 
 
-class ModelParams(_Section):
-    """The classifier's architecture (``train-classifier``, ``classify``)."""
+class TrainingCropParams(_Section):
+    """Where the classifier's training crops of smear cells are cut (stage ``crop``)."""
 
-    # Any exact timm.list_models() name, or a family alias (vit_large, vit_small, ...) resolved in
-    # hemaflow.classify.model.BACKBONE_ALIASES; the resolved name is recorded with the metrics.
-    backbone: str = "resnet18"
-    img_size: Annotated[int, Field(ge=16)] = 64  # network input side; crops are resized to it
-    checkpoint: str | None = None  # local .safetensors/.pth to start from; never a hub download
-    drop_rate: Fraction = 0.0
-
-
-class AugmentParams(_Section):
-    """albumentations probabilities (0 disables a transform) and magnitudes."""
-
-    hflip: Fraction = 0.5
-    vflip: Fraction = 0.5
-    rot90: Fraction = 0.5  # cells have no orientation
-    affine: Fraction = 0.5
-    scale_range: Annotated[float, Field(ge=0, lt=1)] = 0.1  # +-10 %: residual size differences
-    brightness_contrast: Fraction = 0.3
-    gamma: Fraction = 0.2
-    hue_saturation: Fraction = 0.3  # stain variation between laboratories
-    blur: Fraction = 0.1
-    coarse_dropout: Fraction = 0.2
-    mixup_alpha: Annotated[float, Field(ge=0)] = 0.0  # 0 disables mixup
-    cutmix_alpha: Annotated[float, Field(ge=0)] = 0.0  # 0 disables cutmix
-
-
-class Balance(str, Enum):
-    """How heavy class imbalance is countered."""
-
-    sampler = "sampler"  # class-balanced sampling of each epoch
-    loss_weights = "loss_weights"  # inverse-frequency class weights in the loss
-    none = "none"
-
-
-class Precision(str, Enum):
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
-
-
-class ClassifyParams(_Section):
-    """Training of the cell classifier (``train-classifier``)."""
-
-    folds: Annotated[int, Field(ge=1)] = 2  # fold models: prepare's folds 0..folds-1 held out in turn
-    epochs: PositiveInt = 12
-    batch_size: Annotated[int, Field(ge=2)] = 32
-    lr: PositiveFloat = 2e-3
-    weight_decay: Annotated[float, Field(ge=0)] = 0.05
-    warmup_epochs: Annotated[float, Field(ge=0)] = 1.0
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    balance: Balance = Balance.sampler
-    augment: AugmentParams = AugmentParams()
-    # Smear cells' training crops: centred on the detection with the best GIoU to the true box, as
-    # at inference (the CytologIA winners' recipe; classify/crops.py), or on the true box.
-    train_boxes: Literal["detected", "truth"] = "detected"
-    min_match_giou: Annotated[float, Field(ge=-1, le=1)] = 0.5  # a worse best detection keeps the true box
-    tta: list[Literal["hflip", "vflip"]] = Field(default_factory=lambda: ["hflip"])  # flips averaged at inference
-    precision: Precision = Precision.bf16  # autocast on GPU; CPU always trains in fp32
-    channels_last: bool = True  # on GPU
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: Annotated[int, Field(ge=0)] = 0  # data-loading processes
+    train_boxes: Literal["detected", "truth"]
+    """detected: around the detection with the best GIoU to the true box, as at inference (CytologIA winners); truth: around the true box."""
+    min_match_giou: Annotated[float, Field(ge=-1, le=1)]
+    """A cell whose best detection has a lower GIoU keeps its true-box crop."""
 
 
 class DetectorModelParams(_Section):
     """The detector's architecture; every one trains with a GIoU box loss."""
 
-    arch: Literal["rtmdet", "yolox", "fcos", "faster_rcnn"] = "rtmdet"
-    widen_factor: PositiveFloat = 0.375  # channel multiplier of CSPNeXt / CSPDarknet (rtmdet, yolox)
-    deepen_factor: PositiveFloat = 0.167  # block-count multiplier (rtmdet, yolox)
-    checkpoint: str | None = None  # local weights to start from (e.g. COCO-pretrained); random init otherwise
+    arch: Literal["rtmdet", "yolox", "fcos", "faster_rcnn"]
+    """MMDetection architecture."""
+    widen_factor: PositiveFloat
+    """Channel multiplier of CSPNeXt / CSPDarknet (rtmdet, yolox); 0.375 is RTMDet-tiny."""
+    deepen_factor: PositiveFloat
+    """Block-count multiplier (rtmdet, yolox); 0.167 is RTMDet-tiny."""
+    checkpoint: str | None
+    """Local weights to start from (e.g. COCO-pretrained); null: random initialisation."""
 
 
 class DetectParams(_Section):
-    """Training and inference of the white-cell detector (``train-detector``, ``detect``)."""
+    """Training and inference of the white-cell detector (stages ``train_detector``, ``detect``)."""
 
-    model: DetectorModelParams = DetectorModelParams()
-    input_px: Annotated[int, Field(ge=32, multiple_of=32)] = 160  # network input side (tiles above it)
-    epochs: PositiveInt = 30
-    batch_size: PositiveInt = 8
-    lr: PositiveFloat = 0.004
-    weight_decay: Annotated[float, Field(ge=0)] = 0.05
-    warmup_iters: Annotated[int, Field(ge=0)] = 30
-    color_augment: bool = True  # random brightness, contrast, saturation, hue: robustness to other stains
-    score_threshold: Fraction = 0.3  # detections kept in the CSVs and used for matching
-    tile_overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5  # of a tile's side: above the largest cell
-    num_workers: Annotated[int, Field(ge=0)] = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: DetectorModelParams
+    input_px: Annotated[int, Field(ge=32, multiple_of=32)]
+    """Network input side; larger fields are tiled."""
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    """AdamW learning rate (linear warm-up, then cosine)."""
+    weight_decay: Annotated[float, Field(ge=0)]
+    warmup_iters: NonNegativeInt
+    color_augment: bool
+    """Random brightness, contrast, saturation and hue in training: other stains look less foreign."""
+    score_threshold: Fraction | Literal["auto"]
+    """Boxes kept; auto: the threshold that maximises F1 at IoU 0.5 on the validation fields (recorded in the model card)."""
+    tile_overlap: Annotated[float, Field(ge=0, lt=1)]
+    """Overlap of neighbouring tiles, as a share of the tile side: must exceed the largest cell."""
+    num_workers: NonNegativeInt
+    """Data-loading processes."""
+    device: Device
 
 
-class AdaptationMethod(str, Enum):
+class Translation(str, Enum):
     """How labelled source cells are brought to the target domain's look before training."""
 
     none = "none"  # the source cells as they are
     reinhard = "reinhard"  # LAB mean/std matched to the target (Reinhard et al. 2001)
     macenko = "macenko"  # two-stain optical-density matching (Macenko et al. 2009)
-    cyclegan = "cyclegan"  # unpaired image-to-image translation (Zhu et al. 2017)
+    cyclegan = "cyclegan"  # unpaired image-to-image translation (Zhu et al. 2017): stage translate_cyclegan
 
 
 class CycleGanParams(_Section):
-    """The CycleGAN translator. Defaults are the reference recipe (junyanz/pytorch-CycleGAN-and-pix2pix);
-    params.yaml sizes it down for the CPU demo and profiles/gpu.yaml brings it back."""
+    """The CycleGAN translator (stage ``train_translator``). The reference recipe
+    (junyanz/pytorch-CycleGAN-and-pix2pix) is in profiles/gpu.yaml; params.yaml sizes it down for the CPU."""
 
-    img_size: Annotated[int, Field(ge=16, multiple_of=4)] = 256  # crops are resized to it for translation
-    ngf: PositiveInt = 64  # generator filters in the first layer
-    ndf: PositiveInt = 64  # discriminator filters in the first layer
-    n_blocks: PositiveInt = 9  # residual blocks of the generator (6 for 128 px in the reference)
-    upsample: Literal["transpose", "resize"] = "transpose"  # resize + conv avoids checkerboard artefacts
-    epochs: PositiveInt = 100  # at the initial learning rate
-    epochs_decay: Annotated[int, Field(ge=0)] = 100  # then linearly down to zero
-    batch_size: PositiveInt = 1
-    lr: PositiveFloat = 2e-4
-    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.5
-    lambda_cycle: Annotated[float, Field(ge=0)] = 10.0
-    lambda_identity: Annotated[float, Field(ge=0)] = 0.5  # times lambda_cycle
-    pool_size: Annotated[int, Field(ge=0)] = 50
-    precision: Precision = Precision.bf16  # autocast on GPU; CPU trains in fp32
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: Annotated[int, Field(ge=0)] = 0
+    img_size: Annotated[int, Field(ge=16, multiple_of=4)]
+    """Crops are resized to it for translation."""
+    ngf: PositiveInt
+    """Generator filters in the first layer (reference: 64)."""
+    ndf: PositiveInt
+    """Discriminator filters in the first layer (reference: 64)."""
+    n_blocks: PositiveInt
+    """Residual blocks of the generator (reference: 9; 6 for 128 px)."""
+    upsample: Literal["transpose", "resize"]
+    """transpose (the reference) or resize + conv (no checkerboard artefacts)."""
+    epochs: PositiveInt
+    """Epochs at the initial learning rate."""
+    epochs_decay: NonNegativeInt
+    """Then epochs with the rate falling linearly to zero."""
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    beta1: Annotated[float, Field(ge=0, lt=1)]
+    """Adam's beta1 (reference: 0.5)."""
+    lambda_cycle: Annotated[float, Field(ge=0)]
+    """Weight of the cycle-consistency loss (reference: 10)."""
+    lambda_identity: Annotated[float, Field(ge=0)]
+    """Weight of the identity loss, times lambda_cycle (reference: 0.5)."""
+    pool_size: NonNegativeInt
+    """History of generated images the discriminators see (reference: 50)."""
+    precision: Precision
+    """Autocast on GPU; the CPU trains in fp32."""
+    device: Device
+    num_workers: NonNegativeInt
 
 
 class TranslateParams(_Section):
-    """Stain adaptation of the labelled source cells (``train-translator``, ``translate``)."""
+    """Stain translation of the labelled source cells (stages ``translate``, ``train_translator``, ``translate_cyclegan``)."""
 
-    method: AdaptationMethod = AdaptationMethod.cyclegan  # the one `hemaflow predict` and the headline use
-    methods: list[AdaptationMethod] = Field(default_factory=lambda: list(AdaptationMethod))  # compared side by side
-    reference_cells: PositiveInt = 256  # target cells that Reinhard and Macenko are fitted on
-    cyclegan: CycleGanParams = CycleGanParams()
+    methods: list[Translation]
+    """Translations the translate stage runs (cyclegan has its own stage, after train_translator)."""
+    reference_cells: PositiveInt
+    """Target cells that Reinhard and Macenko are fitted on."""
+    cyclegan: CycleGanParams
+
+    @field_validator("methods")
+    @classmethod
+    def _classic_only(cls, methods: list[Translation]) -> list[Translation]:
+        if Translation.cyclegan in methods:
+            raise ValueError("cyclegan runs in its own stage (translate_cyclegan); list only none, reinhard, macenko")
+        if len(set(methods)) != len(methods):
+            raise ValueError("a translation is listed twice")
+        return methods
+
+
+class Recipe(_Section):
+    """One adaptation method: a row of the cross-domain table."""
+
+    translate: Translation
+    """How the training cells are translated first."""
+
+
+class AdaptParams(_Section):
+    """The adaptation methods compared side by side (stages ``train_classifier``, ``evaluate``, ``compare``)."""
+
+    methods: dict[Annotated[str, Field(pattern=r"^[a-z0-9_]+$")], Recipe]
+    """Name -> recipe; each gets a train_classifier and an evaluate stage."""
+    deploy: str
+    """The method `hemaflow predict` uses by default."""
 
     @model_validator(mode="after")
-    def _method_is_compared(self) -> TranslateParams:
-        if self.method not in self.methods:
-            raise ValueError(f"translate.method={self.method.value} is not in translate.methods")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError("translate.methods lists a method twice")
+    def _deployed_is_compared(self) -> AdaptParams:
+        if self.deploy not in self.methods:
+            raise ValueError(f"deploy={self.deploy} is not one of the methods ({', '.join(self.methods)})")
         return self
 
 
+class ModelParams(_Section):
+    """The classifier's architecture (stages ``train_classifier``; ``hemaflow classify``)."""
+
+    backbone: str
+    """Any exact timm.list_models() name or a family alias (vit_small, vit_large, ...; hemaflow.classify.model.BACKBONE_ALIASES)."""
+    img_size: Annotated[int, Field(ge=16)]
+    """Network input side; crops are resized to it."""
+    checkpoint: str | None
+    """A local .safetensors/.pth to start from; null: random initialisation. Never a download."""
+    drop_rate: Fraction
+    """Dropout before the classifier head."""
+
+
+class AugmentParams(_Section):
+    """albumentations probabilities (0 disables a transform) and magnitudes."""
+
+    hflip: Fraction
+    vflip: Fraction
+    rot90: Fraction
+    """Cells have no orientation."""
+    affine: Fraction
+    scale_range: Annotated[float, Field(ge=0, lt=1)]
+    """Scale jitter of the affine transform (+-): residual size differences between scanners."""
+    brightness_contrast: Fraction
+    gamma: Fraction
+    hue_saturation: Fraction
+    """Mild stain variation between laboratories."""
+    blur: Fraction
+    coarse_dropout: Fraction
+    mixup_alpha: Annotated[float, Field(ge=0)]
+    """0 disables mixup."""
+    cutmix_alpha: Annotated[float, Field(ge=0)]
+    """0 disables cutmix."""
+
+
+class ClassifyParams(_Section):
+    """Training of the cell classifier (stage ``train_classifier``)."""
+
+    folds: Annotated[int, Field(ge=1)]
+    """Fold models: prepare's folds 0..folds-1 held out in turn (out-of-fold scores)."""
+    epochs: PositiveInt
+    batch_size: Annotated[int, Field(ge=2)]
+    lr: PositiveFloat
+    """AdamW learning rate (warm-up, then cosine to 1 %)."""
+    weight_decay: Annotated[float, Field(ge=0)]
+    warmup_epochs: Annotated[float, Field(ge=0)]
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    balance: Literal["sampler", "loss_weights", "none"]
+    """Class imbalance: class-balanced sampling, inverse-frequency loss weights, or nothing."""
+    augment: AugmentParams
+    tta: list[Literal["hflip", "vflip"]]
+    """Flips averaged at inference."""
+    precision: Precision
+    """Autocast on GPU; the CPU trains in fp32."""
+    channels_last: bool
+    """Memory layout on GPU."""
+    device: Device
+    num_workers: NonNegativeInt
+    """Data-loading processes."""
+
+
 class EnsembleMember(_Section):
-    path: str  # a model folder (models/detector, models/classifier/<method>, or a user's)
-    weight: Annotated[float, Field(ge=0)] = 1.0
+    path: str
+    """A model folder (models/detector, models/classifier/<method>, or a user's)."""
+    weight: Annotated[float, Field(ge=0)]
 
 
 class PredictParams(_Section):
-    """End-to-end prediction (``evaluate``, ``hemaflow predict``): detector(s), then classifier(s)."""
+    """End to end: detector(s), then classifier(s) (stages ``detect``, ``evaluate``; ``hemaflow predict``)."""
 
-    extra_detectors: list[EnsembleMember] = Field(default_factory=list)  # boxes fused by weighted box fusion
-    extra_classifiers: list[EnsembleMember] = Field(default_factory=list)  # probabilities averaged by weight
-    wbf_iou: Annotated[float, Field(gt=0, lt=1)] = 0.55  # boxes overlapping more than this are fused
-    batch_size: PositiveInt = 16  # images per detector batch and crops per classifier batch
+    extra_detectors: list[EnsembleMember]
+    """More detectors beside models/detector; all boxes fused by weighted box fusion."""
+    extra_classifiers: list[EnsembleMember]
+    """More classifiers; probabilities averaged by weight."""
+    wbf_iou: Annotated[float, Field(gt=0, lt=1)]
+    """Boxes of different detectors overlapping more than this are fused."""
+    batch_size: PositiveInt
+    """Images per detector batch and crops per classifier batch."""
+    review_below: Fraction
+    """Cells whose calibrated class confidence is below it are flagged `review` for a hematologist."""
+
+
+class EvaluateParams(_Section):
+    """Scoring (stages ``detect``, ``evaluate``, ``compare``)."""
+
+    bootstrap: Annotated[int, Field(ge=100)]
+    """Bootstrap resamples of the test images behind every confidence interval."""
+    confidence: Annotated[float, Field(gt=0, lt=1)]
+    """Level of the intervals (0.95)."""
 
 
 class Params(_Section):
     """The whole params.yaml."""
 
-    base: BaseParams = BaseParams()
-    demo_data: DemoDataParams = DemoDataParams()
+    base: BaseParams
+    demo_data: DemoDataParams
     prepare: PrepareParams
-    model: ModelParams = ModelParams()
-    classify: ClassifyParams = ClassifyParams()
-    detect: DetectParams = DetectParams()
-    translate: TranslateParams = TranslateParams()
-    predict: PredictParams = PredictParams()
+    crop: TrainingCropParams
+    detect: DetectParams
+    translate: TranslateParams
+    adapt: AdaptParams
+    model: ModelParams
+    classify: ClassifyParams
+    predict: PredictParams
+    evaluate: EvaluateParams
 
     @model_validator(mode="after")
-    def _classifier_folds_exist(self) -> Params:
+    def _consistent(self) -> Params:
         if self.classify.folds > self.prepare.folds:
             raise ValueError(f"classify.folds={self.classify.folds} exceeds prepare.folds={self.prepare.folds}")
+        for name, recipe in self.adapt.methods.items():
+            if recipe.translate is not Translation.cyclegan and recipe.translate not in self.translate.methods:
+                raise ValueError(f"adapt.methods.{name}.translate={recipe.translate.value} is not in translate.methods")
         return self
+
+
+def _type_name(annotation: object) -> str:
+    name = getattr(annotation, "__name__", None)
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return " | ".join(member.value for member in annotation)
+    text = name if name and not getattr(annotation, "__args__", None) else str(annotation)
+    for noise in ("typing.", "hemaflow.params.", "pathlib."):
+        text = text.replace(noise, "")
+    return text.replace("Literal[", "one of [").replace("'", "")
+
+
+def _bounds(field: object) -> str:
+    marks = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "multiple_of": "multiple of"}
+    found = [f"{sign} {getattr(m, key)}" for m in field.metadata for key, sign in marks.items() if hasattr(m, key)]
+    return ", ".join(found)
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[str]:
+    rows = []
+    for key, field in model.model_fields.items():
+        path = f"{prefix}{key}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += _rows(annotation, f"{path}.")
+            continue
+        inner = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if inner:  # a list or a dict of sections: its entries' keys
+            description = (field.description or "").replace("\n", " ")
+            rows.append(
+                f"| `{path}` | {'list' if get_origin(annotation) is list else 'name ->'} entries |  | {description} |"
+            )
+            rows += _rows(inner[0], f"{path}[]." if get_origin(annotation) is list else f"{path}.<name>.")
+            continue
+        cells = [f"`{path}`", _type_name(annotation), _bounds(field), (field.description or "").replace("\n", " ")]
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return rows
+
+
+def params_markdown() -> str:
+    """The reference of every params.yaml key, generated from this schema (``hemaflow params docs``)."""
+    lines = [
+        "# params.yaml reference",
+        "",
+        "Generated by `hemaflow params docs` from `src/hemaflow/params.py`; a test keeps it current.",
+        "Values live in `params.yaml` (every key must be given there) and in the profiles under `profiles/`.",
+        "",
+    ]
+    for key, field in Params.model_fields.items():
+        section = field.annotation
+        lines += [
+            f"## `{key}`",
+            "",
+            (section.__doc__ or "").strip().replace("\n", " "),
+            "",
+            "| key | type | bounds | meaning |",
+            "|---|---|---|---|",
+            *_rows(section, f"{key}."),
+            "",
+        ]
+    return "\n".join(lines)
 
 
 def _describe(error: dict) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "<root>"
     message = error["msg"]
     if error["type"] == "extra_forbidden":
-        message = "unknown key (check the spelling; see params.yaml in the repository for valid keys)"
+        message = "unknown key (check the spelling; docs/params.md lists every key)"
+    elif error["type"] == "missing":
+        message = "missing (params.yaml must give every key; docs/params.md lists them)"
     elif "input" in error and not isinstance(error["input"], dict | list):
         message += f" (got {error['input']!r})"
     return f"{key}: {message}"

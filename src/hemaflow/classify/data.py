@@ -9,15 +9,17 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from hemaflow.params import AugmentParams
+from hemaflow.tables import read_crop
 
 __all__ = ["CellDataset", "EpochSampler", "build_transform", "class_weights"]
 
 
-def build_transform(img_size: int, mean: Sequence[float], std: Sequence[float], augment: AugmentParams | None) -> A.Compose:
+def build_transform(
+    img_size: int, mean: Sequence[float], std: Sequence[float], augment: AugmentParams | None
+) -> A.Compose:
     """Resize to the network input, optional augmentation, then the backbone's normalisation."""
     steps: list[A.BasicTransform] = [A.Resize(img_size, img_size, interpolation=cv2.INTER_AREA)]
     if augment is not None:
@@ -36,8 +38,13 @@ def build_transform(img_size: int, mean: Sequence[float], std: Sequence[float], 
             A.RandomGamma((85, 115), p=augment.gamma),
             A.HueSaturationValue(10, 20, 10, p=augment.hue_saturation),
             A.GaussianBlur(blur_limit=(3, 5), p=augment.blur),
-            A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.15), hole_width_range=(0.05, 0.15),
-                            fill="random_uniform", p=augment.coarse_dropout),  # fmt: skip
+            A.CoarseDropout(
+                num_holes_range=(1, 4),
+                hole_height_range=(0.05, 0.15),
+                hole_width_range=(0.05, 0.15),
+                fill="random_uniform",
+                p=augment.coarse_dropout,
+            ),
         ]
     steps.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
     return A.Compose(steps)
@@ -57,12 +64,7 @@ class CellDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         crop = self.crops[index]
-        if isinstance(crop, np.ndarray):
-            array = crop
-        else:
-            with Image.open(crop) as image:
-                array = np.asarray(image.convert("RGB"))
-        array = self.transform(image=array)["image"]
+        array = self.transform(image=crop if isinstance(crop, np.ndarray) else read_crop(crop))["image"]
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), self.labels[index]
 
 

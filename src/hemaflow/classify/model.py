@@ -20,7 +20,14 @@ from hemaflow._io import write_json, write_tensors
 from hemaflow.errors import HemaflowError
 from hemaflow.params import ModelParams
 
-__all__ = ["BACKBONE_ALIASES", "ModelCard", "create_classifier", "load_classifier", "resolve_backbone", "save_classifier"]
+__all__ = [
+    "BACKBONE_ALIASES",
+    "ModelCard",
+    "create_classifier",
+    "load_classifier",
+    "resolve_backbone",
+    "save_classifier",
+]
 
 # Family names a user types -> the one timm variant they mean (documented in the README).
 BACKBONE_ALIASES = {
@@ -62,6 +69,7 @@ class ModelCard:
     mean: list[float]
     std: list[float]
     drop_rate: float = 0.0
+    temperature: float = 1.0  # logits are divided by it: fitted on the fold's validation cells (calibration)
     extra: dict | None = None  # training context: fold, metrics, params
 
 

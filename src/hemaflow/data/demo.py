@@ -12,6 +12,8 @@ Written layouts (``out`` is ``data/demo`` in the pipeline):
 - ``acevedo/<class>/<PREFIX>_<n>.jpg`` (no blasts: Acevedo_20 has none either)
 - ``matek/<ABBR>/<ABBR>_<n>.tiff``
 - ``wbc1/DATA-VAL/WBC1_<n>.TIF``: unlabelled target-domain cells
+- ``wbc1_test/<class>/WBC1_TEST_<n>.TIF``: labelled target-domain cells, held out for evaluation
+  (the HIDA challenge's class-folder layout)
 - ``<domain>_fields/images/*.jpg`` + ``labels.csv`` (CytologIA ``NAME,x1,y1,x2,y2,class``):
   smear fields with 1-3 white cells, some with none (those have no CSV row, as in CytologIA)
 
@@ -35,7 +37,7 @@ from tqdm import tqdm
 from hemaflow._io import atomic_dir, write_csv
 from hemaflow.params import DemoDataParams
 
-__all__ = ["CLASSES", "DOMAINS", "StainDomain", "generate_demo", "render_cell_image"]
+__all__ = ["CLASSES", "DOMAINS", "StainDomain", "demo_data", "render_cell_image"]
 
 RGB = tuple[float, float, float]
 
@@ -167,9 +169,7 @@ def _paint(canvas: np.ndarray, cover: np.ndarray, colour: RGB | np.ndarray) -> N
     canvas += alpha * np.asarray(colour)
 
 
-def _granules(
-    rng: np.random.Generator, radius_um: float, count: int, size_um: float, within: float
-) -> list[_Blob]:
+def _granules(rng: np.random.Generator, radius_um: float, count: int, size_um: float, within: float) -> list[_Blob]:
     radii = within * radius_um * np.sqrt(rng.random(count))
     angles = rng.random(count) * 2 * np.pi
     return [_Blob(r * np.cos(t), r * np.sin(t), size_um, size_um) for r, t in zip(radii, angles, strict=True)]
@@ -357,8 +357,13 @@ def _render_job(job: tuple[str, str, str | None, int, int, float, Path]) -> list
     """Render and write one image; return its CSV rows (smear fields only)."""
     kind, name, cls, index, seed, background_fields, root = job
     domain = DOMAINS[name]
-    rng = _rng(seed, list(DOMAINS).index(name), ["cell", "target", "field"].index(kind), index,
-               CLASSES.index(cls) if cls else 0)  # fmt: skip
+    rng = _rng(
+        seed,
+        list(DOMAINS).index(name),
+        ["cell", "target", "field", "test"].index(kind),
+        index,
+        CLASSES.index(cls) if cls else 0,
+    )
     if kind == "cell":
         _write_cell(root, name, cls, index, render_cell_image(domain, cls, rng))
         return []
@@ -368,6 +373,11 @@ def _render_job(job: tuple[str, str, str | None, int, int, float, Path]) -> list
         path.parent.mkdir(parents=True, exist_ok=True)
         tifffile.imwrite(path, image)
         return []
+    if kind == "test":  # labelled target cells in the HIDA challenge's class-folder layout
+        path = root / "wbc1_test" / cls / f"WBC1_TEST_{index:05d}.TIF"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(path, render_cell_image(domain, cls, rng))
+        return []
     available = _domain_classes(name)
     count = 0 if rng.random() < background_fields else int(rng.integers(1, 4))
     image, cells = render_field(domain, [available[int(k)] for k in rng.integers(len(available), size=count)], rng)
@@ -376,11 +386,12 @@ def _render_job(job: tuple[str, str, str | None, int, int, float, Path]) -> list
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(_jpeg(image))
     return [
-        {"NAME": file_name, "x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3], "class": CYTOLOGIA_NAMES[c]} for c, b in cells
+        {"NAME": file_name, "x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3], "class": CYTOLOGIA_NAMES[c]}
+        for c, b in cells
     ]
 
 
-def generate_demo(params: DemoDataParams, seed: int, out: Path) -> None:
+def demo_data(*, params: DemoDataParams, seed: int, out: Path) -> None:
     """Write the three demo domains into ``out`` (replaced atomically), rendering in ``params.workers`` processes."""
     with atomic_dir(out) as staging:
         common = (seed, params.background_fields, staging)
@@ -391,6 +402,9 @@ def generate_demo(params: DemoDataParams, seed: int, out: Path) -> None:
             for i in range(params.cells_per_class)
         ]
         jobs += [("target", TARGET_DOMAIN, None, i, *common) for i in range(params.target_unlabelled_cells)]
+        jobs += [
+            ("test", TARGET_DOMAIN, CLASSES[i % len(CLASSES)], i, *common) for i in range(params.target_test_cells)
+        ]
         jobs += [("field", name, None, i, *common) for name in DOMAINS for i in range(params.fields_per_domain)]
         progress = dict(total=len(jobs), desc="demo data", unit="image")
         with multiprocessing.get_context("fork").Pool(params.workers) as pool:

@@ -9,10 +9,15 @@ import numpy as np
 import tifffile
 from PIL import Image, ImageFile
 
-from hemaflow.data.formats import IMAGE_SUFFIXES
 from hemaflow.errors import HemaflowError
 
-__all__ = ["ImageRejected", "expand_images", "load_rgb"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_FIELD_PIXELS", "ImageRejected", "expand_images", "load_rgb"]
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+
+# Smear regions far larger than a single-cell image are the point of tiled detection; still refuse
+# what would not fit in memory decoded (400 Mpx x 3 bytes = 1.2 GB).
+MAX_FIELD_PIXELS = 400_000_000
 
 
 class ImageRejected(Exception):
@@ -94,9 +99,7 @@ def load_rgb(path: Path, max_pixels: int) -> tuple[np.ndarray, str | None, str |
     try:
         with Image.open(path) as image:
             if image.width * image.height > max_pixels:
-                raise ImageRejected(
-                    "too_many_pixels", f"{image.width}x{image.height} exceeds max_pixels={max_pixels}"
-                )
+                raise ImageRejected("too_many_pixels", f"{image.width}x{image.height} exceeds max_pixels={max_pixels}")
             try:
                 image.load()
                 array, note = _pil_array(image)
@@ -116,7 +119,7 @@ def load_rgb(path: Path, max_pixels: int) -> tuple[np.ndarray, str | None, str |
             image.load()
             array, note = _pil_array(image)
         return array, note, f"re-saved after decode error ({first_error})"
-    except Exception as exc:  # noqa: BLE001 - any failure here means the file is beyond repair
+    except Exception as exc:
         raise ImageRejected("unreadable_image", f"corrupt beyond repair: {exc}") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -31,19 +31,15 @@ from hemaflow._io import atomic_dir, write_csv
 from hemaflow.data.backgrounds import erase_cells
 from hemaflow.data.classes import ClassMatrix, load_class_matrix
 from hemaflow.data.folds import assign_folds
-from hemaflow.data.formats import Annotation, Box, Finding, read_dataset
+from hemaflow.data.formats import Annotation, Finding, LayoutError, read_dataset
 from hemaflow.data.images import ImageRejected, load_rgb
 from hemaflow.data.report import write_data_metrics
 from hemaflow.data.scale import clip_box, crop_cell, rescale, rescale_box
 from hemaflow.errors import HemaflowError
 from hemaflow.params import DatasetParams, PrepareParams, Role
+from hemaflow.tables import CELL_COLUMNS, Box, boxes, read_crop, write_cells
 
-__all__ = ["CELL_COLUMNS", "prepare"]
-
-CELL_COLUMNS = [
-    "cell_id", "image", "x1", "y1", "x2", "y2", "fine_class", "coarse_class", "source_label",
-    "dataset", "domain", "role", "fold", "split", "px_per_um", "crop",
-]  # fmt: skip
+__all__ = ["prepare"]
 
 
 @dataclass(frozen=True)
@@ -88,8 +84,8 @@ def _collect_jobs(params: PrepareParams, matrix: ClassMatrix) -> tuple[list[_Ima
                 )
         try:
             result = read_dataset(dataset.format, root / dataset.path, dataset.subset)
-        except (FileNotFoundError, ValueError) as exc:
-            raise HemaflowError(f"dataset {dataset.name!r} ({dataset.format.value}): {exc}") from None
+        except LayoutError as exc:
+            raise LayoutError(f"dataset {dataset.name!r} ({dataset.format.value}): {exc}") from None
         vocabulary = matrix.vocabulary(result.vocabulary) if result.vocabulary else {}
         findings += [_prefixed(f, dataset) for f in result.findings]
         by_image: dict[str, list[_Cell]] = defaultdict(list)
@@ -103,10 +99,13 @@ def _collect_jobs(params: PrepareParams, matrix: ClassMatrix) -> tuple[list[_Ima
         is_field = any(a.box is not None for a in result.annotations) or bool(result.background_images)
         for index, name in enumerate(sorted(by_image)):
             image = (Path(params.root) / dataset.path / name).as_posix()
-            jobs.append(_ImageJob(dataset, root / dataset.path / name, name, image, index, tuple(by_image[name]), is_field))
+            jobs.append(
+                _ImageJob(dataset, root / dataset.path / name, name, image, index, tuple(by_image[name]), is_field)
+            )
     if unknown:
         lines = [
-            f"{dataset}: {label!r} ({len(rows)} rows, first {rows[0]})" for (dataset, label), rows in sorted(unknown.items())
+            f"{dataset}: {label!r} ({len(rows)} rows, first {rows[0]})"
+            for (dataset, label), rows in sorted(unknown.items())
         ]
         raise HemaflowError(
             "unknown class labels: " + "; ".join(lines) + ". Map them in the dataset's label_map in params.yaml "
@@ -135,7 +134,9 @@ def _map_label(
         return None
     if fine is None:
         findings.append(
-            Finding(f"{dataset.name}/{ann.image}", ann.row, "rejected", "dropped_label", f"label {ann.label!r} maps to null")
+            Finding(
+                f"{dataset.name}/{ann.image}", ann.row, "rejected", "dropped_label", f"label {ann.label!r} maps to null"
+            )
         )
         return None
     return _Cell(ann.box, ann.label, fine, ann.row)
@@ -176,7 +177,9 @@ def _process(job: _ImageJob, params: PrepareParams, out: Path) -> tuple[dict | N
         cell_id = f"{job.dataset.name}-{job.index:06d}-{k}"
         Image.fromarray(crop).save(out / "crops" / f"{cell_id}.png")
         if grown:
-            findings.append(Finding(where, cell.row, "converted", "large_cell", "field of view enlarged to fit the box"))
+            findings.append(
+                Finding(where, cell.row, "converted", "large_cell", "field of view enlarged to fit the box")
+            )
         cells.append({"cell_id": cell_id, "box": box, "cell": cell})
     image_row = {"width": width, "height": height, "field": ""}
     if job.is_field and len(cells) < len(job.cells):
@@ -249,17 +252,24 @@ def _derive_backgrounds(
     chosen = with_cells.sample(n=min(needed, len(with_cells)), random_state=seed)
     rows, findings = [], []
     for row in chosen.itertuples():
-        boxes = cells.loc[cells["image"] == row.image, ["x1", "y1", "x2", "y2"]].to_numpy(float) * factor_of[row.dataset]
-        field = np.asarray(Image.open(out / row.field).convert("RGB"))
+        found = boxes(cells[cells["image"] == row.image]) * factor_of[row.dataset]
+        field = read_crop(out / row.field)
         name = row.field.replace(".png", "__background.png")
-        Image.fromarray(erase_cells(field, boxes)).save(out / name)
+        Image.fromarray(erase_cells(field, found)).save(out / name)
         rows.append(row._asdict() | {"image": name, "field": name})
-        findings.append(Finding(f"{row.dataset}/{row.image}", name, "derived", "background_field",
-                                "white cells painted out (Otsu mask + inpainting) for a training background field"))  # fmt: skip
+        findings.append(
+            Finding(
+                f"{row.dataset}/{row.image}",
+                name,
+                "derived",
+                "background_field",
+                "white cells painted out (Otsu mask + inpainting) for a training background field",
+            )
+        )
     return pd.DataFrame(rows).drop(columns="Index"), findings
 
 
-def prepare(params: PrepareParams, seed: int, out: Path, metrics: Path, plots: Path) -> None:
+def prepare(*, params: PrepareParams, seed: int, out: Path, metrics: Path, plots: Path) -> None:
     """Build the unified dataset from the datasets listed in ``params`` (see the module docstring)."""
     matrix = load_class_matrix()
     jobs, findings = _collect_jobs(params, matrix)
@@ -290,7 +300,10 @@ def prepare(params: PrepareParams, seed: int, out: Path, metrics: Path, plots: P
                     {
                         "cell_id": c["cell_id"],
                         "image": job.image,
-                        "x1": box[0], "y1": box[1], "x2": box[2], "y2": box[3],
+                        "x1": box[0],
+                        "y1": box[1],
+                        "x2": box[2],
+                        "y2": box[3],
                         "fine_class": cell.fine or "",
                         "coarse_class": matrix.coarse_of[cell.fine] if cell.fine else "",
                         "source_label": cell.label or "",
@@ -300,7 +313,7 @@ def prepare(params: PrepareParams, seed: int, out: Path, metrics: Path, plots: P
                         "px_per_um": dataset.px_per_um,
                         "crop": f"crops/{c['cell_id']}.png",
                     }
-                )  # fmt: skip
+                )
         images = pd.DataFrame(image_rows)
         if images.empty:
             raise HemaflowError("prepare: no usable image in any dataset (see the findings above)")
@@ -310,13 +323,11 @@ def prepare(params: PrepareParams, seed: int, out: Path, metrics: Path, plots: P
             images.loc[source, "fold"] = assign_folds(list(images.loc[source, "strata"]), params.folds, seed)
         except ValueError as exc:
             raise HemaflowError(f"prepare: {exc}") from None
-        images["split"] = np.where(
-            source, np.where(images["fold"] == params.val_fold, "val", "train"), images["role"]
-        )
+        images["split"] = np.where(source, np.where(images["fold"] == params.val_fold, "val", "train"), images["role"])
         images = images.drop(columns="strata")
         cells = pd.DataFrame(cell_rows, columns=[c for c in CELL_COLUMNS if c not in ("fold", "split")])
         cells = cells.merge(images[["image", "fold", "split"]], on="image", how="left")[CELL_COLUMNS]
-        write_csv(staging / "cells.csv", cells)
+        write_cells(staging, cells)
         write_csv(staging / "images.csv", images)
         factor_of = {d.name: params.fields.px_per_um / d.px_per_um for d in params.datasets}
         fields = images[images["field"] != ""]
@@ -324,7 +335,9 @@ def prepare(params: PrepareParams, seed: int, out: Path, metrics: Path, plots: P
         train_fields = fields[fields["split"] == "train"]
         derived, derived_findings = _derive_backgrounds(train_fields, field_cells, params, staging, factor_of, seed)
         findings += derived_findings
-        findings_frame = pd.DataFrame([f.__dict__ for f in findings], columns=["file", "row", "action", "reason", "detail"])
+        findings_frame = pd.DataFrame(
+            [f.__dict__ for f in findings], columns=["file", "row", "action", "reason", "detail"]
+        )
         write_csv(staging / "findings.csv", findings_frame)
         (staging / "coco").mkdir()
         for split in ("train", "val", "test", "target"):

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from hemaflow._io import write_csv, write_figure, write_json  # noqa: E402
-from hemaflow.data.classes import ClassMatrix  # noqa: E402
+from hemaflow._io import write_csv, write_figure, write_json
+from hemaflow.data.classes import ClassMatrix
 
 __all__ = ["format_report", "missing_classes", "write_data_metrics"]
 
@@ -76,12 +73,21 @@ def write_data_metrics(
 def _heatmap(labelled: pd.DataFrame, matrix: ClassMatrix, path: Path) -> None:
     grid = pd.crosstab(labelled["fine_class"], labelled["domain"])
     grid = grid.reindex([c for c in matrix.fine_classes if c in grid.index])
-    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * max(len(grid.columns), 1), 1.2 + 0.35 * max(len(grid), 1)))
+    fig = Figure(figsize=(1.6 + 1.2 * max(len(grid.columns), 1), 1.2 + 0.35 * max(len(grid), 1)))
+    ax = fig.subplots()
     ax.imshow(grid.to_numpy(), cmap="Blues", aspect="auto")
     ax.set_xticks(range(len(grid.columns)), grid.columns, rotation=30, ha="right")
     ax.set_yticks(range(len(grid.index)), grid.index)
     for (i, j), n in pd.DataFrame(grid.to_numpy()).stack().items():
-        ax.text(j, i, str(n), ha="center", va="center", fontsize=8, color="black" if n < grid.to_numpy().max() / 2 else "white")
+        ax.text(
+            j,
+            i,
+            str(n),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="black" if n < grid.to_numpy().max() / 2 else "white",
+        )
     ax.set_title("labelled cells per fine class and domain")
     fig.tight_layout()
     write_figure(path, fig)
@@ -93,7 +99,9 @@ def format_report(prepared: Path, limit: int = 50) -> str:
     findings = pd.read_csv(prepared / "findings.csv", keep_default_na=False)
     lines = ["Cells per fine class x domain x split", ""]
     labelled = cells.assign(fine_class=cells["fine_class"].replace("", "(unlabelled)"))
-    pivot = pd.crosstab(labelled["fine_class"], [labelled["domain"], labelled["split"]], margins=True, margins_name="all")
+    pivot = pd.crosstab(
+        labelled["fine_class"], [labelled["domain"], labelled["split"]], margins=True, margins_name="all"
+    )
     lines += [pivot.to_string(), ""]
     for domain, classes in missing_classes(cells.replace("", None)).items():
         if classes:
@@ -104,7 +112,9 @@ def format_report(prepared: Path, limit: int = 50) -> str:
         order = {"rejected": 0, "repaired": 1, "clipped": 2, "unlabelled": 3, "converted": 4, "derived": 5}
         ranked = findings.assign(rank=findings["action"].map(order)).sort_values("rank", kind="stable")
         lines.append("")
-        lines += [f"  {r.action:<10} {r.file} [{r.row}] {r.reason}: {r.detail}" for r in ranked.head(limit).itertuples()]
+        lines += [
+            f"  {r.action:<10} {r.file} [{r.row}] {r.reason}: {r.detail}" for r in ranked.head(limit).itertuples()
+        ]
         if len(ranked) > limit:
             lines.append(f"  ... {len(ranked) - limit} more")
     return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from hemaflow.data.formats import Box
+from hemaflow.tables import Box
 
 __all__ = ["clip_box", "crop_cell", "rescale", "rescale_box"]
 
@@ -15,7 +15,9 @@ def clip_box(box: Box, width: int, height: int, tolerance_px: float) -> tuple[Bo
     x1, y1, x2, y2 = box
     overshoot = max(-x1, -y1, x2 - width, y2 - height, 0.0)
     if overshoot > tolerance_px:
-        raise ValueError(f"box {box} lies {overshoot:g} px outside the {width}x{height} image (tolerance {tolerance_px:g})")
+        raise ValueError(
+            f"box {box} lies {overshoot:g} px outside the {width}x{height} image (tolerance {tolerance_px:g})"
+        )
     clipped = (max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height)))
     if clipped[0] >= clipped[2] or clipped[1] >= clipped[3]:
         raise ValueError(f"box {box} is empty once clipped to the {width}x{height} image")

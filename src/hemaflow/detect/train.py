@@ -4,12 +4,12 @@ The work directory persists between runs, so an interrupted training resumes fro
 epoch checkpoint (mmengine ``resume=True``). mmengine 0.10.7 loads checkpoints with a bare
 ``torch.load``, which torch >= 2.6 refuses for its pickled extras (mmengine#1655): we register
 our own loader (see :func:`checkpoint_loader`). The best epoch's weights are exported as
-``best.safetensors`` (tensors only) + ``best.json`` (the config).
+``best.safetensors`` (tensors only) + ``detector.json`` (the model card: config, pixel size,
+input size and the score threshold chosen on the validation fields).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,12 +24,20 @@ from mmengine.model import MMDistributedDataParallel
 from mmengine.registry import MODEL_WRAPPERS
 from mmengine.runner import CheckpointLoader, Runner
 
-from hemaflow._io import write_csv, write_json, write_tensors
+from hemaflow._io import atomic_dir, write_csv, write_json, write_tensors
+from hemaflow.data.images import MAX_FIELD_PIXELS, load_rgb
 from hemaflow.detect.config import build_config
+from hemaflow.detect.detector import CARD, Detector
+from hemaflow.detect.metrics import choose_threshold
 from hemaflow.errors import HemaflowError
 from hemaflow.params import DetectParams
+from hemaflow.resume import file_digest, fingerprint
+from hemaflow.runtime import select_device
+from hemaflow.tables import boxes, read_cells, read_images
 
 __all__ = ["checkpoint_loader", "reset_stale_work_dir", "train_detector"]
+
+CURVE_COLUMNS = ["epoch", "train_loss", "val_mAP", "val_mAP_50"]
 
 
 @MODEL_WRAPPERS.register_module(name="DeviceAwareDDP", force=True)
@@ -105,11 +113,16 @@ def _curves(work_dir: Path) -> pd.DataFrame:
                 if key in record:
                     entry[key.split("/")[1]] = record[key]
     table = [
-        {"epoch": e, "train_loss": float(np.mean(r["losses"])) if "losses" in r else None,
-         "val_mAP": r.get("bbox_mAP"), "val_mAP_50": r.get("bbox_mAP_50")}
-        for e, r in sorted(rows.items()) if e > 0
-    ]  # fmt: skip
-    return pd.DataFrame(table, columns=["epoch", "train_loss", "val_mAP", "val_mAP_50"])
+        {
+            "epoch": e,
+            "train_loss": float(np.mean(r["losses"])) if "losses" in r else None,
+            "val_mAP": r.get("bbox_mAP"),
+            "val_mAP_50": r.get("bbox_mAP_50"),
+        }
+        for e, r in sorted(rows.items())
+        if e > 0
+    ]
+    return pd.DataFrame(table, columns=CURVE_COLUMNS)
 
 
 def _best_checkpoint(work_dir: Path) -> Path:
@@ -122,49 +135,81 @@ def _best_checkpoint(work_dir: Path) -> Path:
     raise HemaflowError(f"{work_dir}: training wrote no checkpoint")
 
 
-def reset_stale_work_dir(work_dir: Path, fingerprint: str) -> bool:
+def reset_stale_work_dir(work_dir: Path, key: str) -> bool:
     """Empty ``work_dir`` unless its checkpoints come from the same config and data; True if emptied.
 
     The work dir persists so that an interrupted training resumes, but a run with other params or
     other data must start over, not "resume" a finished run of the old ones.
     """
     marker = work_dir / "fingerprint.txt"
-    stale = work_dir.exists() and (not marker.exists() or marker.read_text() != fingerprint)
+    stale = work_dir.exists() and (not marker.exists() or marker.read_text() != key)
     if stale:
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(fingerprint)
+    marker.write_text(key)
     return stale
 
 
-def train_detector(params: DetectParams, seed: int, prepared: Path, work_dir: Path, out: Path, plots: Path) -> dict:
-    """Train (or resume), export the best weights to ``out/best.safetensors``; return the config."""
-    device = "cuda" if (params.device == "cuda" or (params.device == "auto" and torch.cuda.is_available())) else "cpu"
+def _validation_threshold(out: Path, prepared: Path, params: DetectParams, batch_size: int) -> dict:
+    """The score threshold that maximises F1 at IoU 0.5 on the validation fields, run as `detect` runs them."""
+    images, cells = read_images(prepared), read_cells(prepared)
+    fields = images[(images["split"] == "val") & (images["field"] != "")]
+    detector = Detector.load(out, params.device)
+    truth, predictions = {}, {}
+    for field in fields.itertuples():
+        rgb = load_rgb(Path(field.image), MAX_FIELD_PIXELS)[0]
+        predictions[field.image] = detector(rgb, field.px_per_um, params.tile_overlap, batch_size)
+        truth[field.image] = boxes(cells[cells["image"] == field.image])
+    return choose_threshold(truth, predictions)
+
+
+def train_detector(
+    *,
+    params: DetectParams,
+    fields_px_per_um: float,
+    seed: int,
+    prepared: Path,
+    work_dir: Path,
+    out: Path,
+    plots: Path,
+) -> None:
+    """Train (or resume); export the best epoch to ``out`` with a model card that records the score
+    threshold chosen on the validation fields. Without smear fields in the data, the card says so."""
+    annotations = json.loads((prepared / "coco" / "train.json").read_text())["annotations"]
+    if not annotations:
+        write_json(out / CARD, {"status": "none", "reason": "no smear fields with boxes in the training data"})
+        write_csv(plots / "curves.csv", pd.DataFrame(columns=CURVE_COLUMNS))
+        return
+    device = select_device(params.device, "detect.device").type
     _check_ops(device)
     _register_loader(work_dir)
     launcher = "pytorch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
-    config = build_config(params, seed, prepared, work_dir, launcher, device)
+    config = build_config(
+        params=params, seed=seed, prepared=prepared, work_dir=work_dir, launcher=launcher, device=device
+    )
     if device == "cpu":
         _init_cpu_process_group()
-    annotations = json.loads((prepared / "coco" / "train.json").read_text())["annotations"]
-    if not annotations:
-        raise HemaflowError(f"{prepared / 'coco' / 'train.json'}: no training boxes (are there smear-field datasets?)")
-    data = [(prepared / "coco" / f"{split}.json").read_bytes() for split in ("train", "val")]
-    fingerprint = hashlib.sha256(
-        json.dumps({k: v for k, v in config.items() if k != "launcher"}, sort_keys=True, default=str).encode()
-        + b"".join(hashlib.sha256(d).digest() for d in data)
-    ).hexdigest()
-    if int(os.environ.get("RANK", "0")) == 0 and reset_stale_work_dir(work_dir, fingerprint):
+    data = [file_digest(prepared / "coco" / f"{split}.json") for split in ("train", "val")]
+    key = fingerprint({k: v for k, v in config.items() if k != "launcher"}, data)
+    if int(os.environ.get("RANK", "0")) == 0 and reset_stale_work_dir(work_dir, key):
         print(f"{work_dir}: params or data changed since its checkpoints; training from the start")
     if dist.is_initialized():
         dist.barrier()  # the other ranks must not read the work dir while rank 0 empties it
     runner = Runner.from_cfg(Config(config))
     runner.train()
-    if runner.rank == 0:
-        checkpoint = checkpoint_loader(work_dir)(str(_best_checkpoint(work_dir)), "cpu")
-        out.mkdir(parents=True, exist_ok=True)
+    if runner.rank != 0:
+        return
+    checkpoint = checkpoint_loader(work_dir)(str(_best_checkpoint(work_dir)), "cpu")
+    with atomic_dir(out) as staging:
         # RTMDet shares its head convs across levels; safetensors stores each name separately
-        write_tensors(out / "best.safetensors", {k: v.clone() for k, v in checkpoint["state_dict"].items()})
-        write_json(out / "best.json", {"config": config, "input_px": params.input_px, "epoch": checkpoint["meta"].get("epoch")})
-        write_csv(plots / "curves.csv", _curves(work_dir))
-    return config
+        write_tensors(staging / "best.safetensors", {k: v.clone() for k, v in checkpoint["state_dict"].items()})
+        card = {
+            "status": "trained",
+            "config": config,
+            "input_px": params.input_px,
+            "px_per_um": fields_px_per_um,
+            "epoch": checkpoint["meta"].get("epoch"),
+        }
+        write_json(staging / CARD, card)
+        write_json(staging / CARD, card | _validation_threshold(staging, prepared, params, params.batch_size))
+    write_csv(plots / "curves.csv", _curves(work_dir))

@@ -1,25 +1,25 @@
-"""The ``compare`` stage: the cross-domain table and the human-readable report.
+"""The ``compare`` stage: the cross-domain table, the map of the domains and the report page.
 
 Rows are adaptation methods, columns the source domains' out-of-fold score (in domain) and each
-test domain's end-to-end score (across the domain gap). Everything is read from the metrics
-files the other stages wrote, so ``dvc repro`` rebuilds it and ``dvc metrics diff`` shows how a
-change moved each cell.
+test domain's end-to-end score (across the domain gap), each with its 95 % interval. Everything
+is read from the metrics files the other stages wrote, so ``dvc repro`` rebuilds it and
+``dvc metrics diff`` shows how a change moved each cell. The report (``reports/README.md``)
+links only files the pipeline writes; a test checks every link.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from hemaflow._io import write_csv, write_figure, write_json, write_text  # noqa: E402
-from hemaflow.errors import HemaflowError  # noqa: E402
+from hemaflow._io import write_csv, write_figure, write_json, write_text
+from hemaflow.errors import HemaflowError
+from hemaflow.translate.domain import domain_map
 
 __all__ = ["compare"]
 
@@ -33,93 +33,203 @@ def _read(path: Path) -> dict:
 
 
 def _table(methods: Sequence[str], metrics: Path) -> pd.DataFrame:
+    """One row per (method, column): macro-F1 (fine), its interval, and the coarse macro-F1."""
     rows = []
     for method in methods:
-        evaluation = _read(metrics / "evaluate" / f"{method}.json")
-        rows.append({"method": method, "domain": IN_DOMAIN,
-                     "macro_f1": _read(metrics / "classify" / f"{method}.json")["oof"]["macro_f1"]})  # fmt: skip
-        for domain, scores in sorted(evaluation["domains"].items()):
-            f1 = scores["macro_f1"] if "macro_f1" in scores else scores["single_cell"]["macro_f1"]
-            rows.append({"method": method, "domain": f"{domain} (test)", "macro_f1": f1})
+        oof = _read(metrics / "classify" / f"{method}.json")["oof"]
+        rows.append(
+            {
+                "method": method,
+                "domain": IN_DOMAIN,
+                "macro_f1": oof["macro_f1"],
+                "low": None,
+                "high": None,
+                "coarse_macro_f1": None,
+            }
+        )
+        for domain, scores in sorted(_read(metrics / "evaluate" / f"{method}.json")["domains"].items()):
+            low, high = scores["macro_f1_interval"]
+            rows.append(
+                {
+                    "method": method,
+                    "domain": f"{domain} (test)",
+                    "macro_f1": scores["macro_f1"],
+                    "low": low,
+                    "high": high,
+                    "coarse_macro_f1": scores["coarse_macro_f1"],
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def _heatmap(grid: pd.DataFrame, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(2.5 + 1.8 * len(grid.columns), 1.2 + 0.45 * len(grid)))
-    ax.imshow(grid.to_numpy(dtype=float), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(grid.columns)), grid.columns, rotation=20, ha="right")
-    ax.set_yticks(range(len(grid.index)), grid.index)
-    for i, row in enumerate(grid.to_numpy(dtype=float)):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=9)
-    ax.set_title("macro-F1 by adaptation method and domain")
-    fig.tight_layout()
-    write_figure(path, fig)
+def _cell(value: float, low: float | None, high: float | None) -> str:
+    return f"{value:.4f}" if low is None or pd.isna(low) else f"{value:.4f} [{low:.4f}, {high:.4f}]"
 
 
 def _markdown(frame: pd.DataFrame) -> str:
     header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
     rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(frame.columns))) + "|"
-    body = ["| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    body = [
+        "| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |"
+        for row in frame.itertuples(index=False)
+    ]
     return "\n".join([header, rule, *body])
 
 
-def compare(methods: Sequence[str], selected: str, metrics: Path, out: Path, plots: Path, report: Path) -> None:
-    """Write ``out`` (metrics/cross_domain.json), the table plots and ``report`` (Markdown)."""
+def _bars(table: pd.DataFrame, path: Path) -> None:
+    """macro-F1 per method and domain with 95 % intervals as error bars."""
+    domains = list(dict.fromkeys(table["domain"]))
+    methods = list(dict.fromkeys(table["method"]))
+    figure = Figure(figsize=(2.5 + 1.4 * len(methods) * len(domains) / 2, 4.2))
+    ax = figure.subplots()
+    width = 0.8 / len(domains)
+    for k, domain in enumerate(domains):
+        part = table[table["domain"] == domain].set_index("method").reindex(methods)
+        x = [i + k * width for i in range(len(methods))]
+        errors = [(part["macro_f1"] - part["low"]).fillna(0), (part["high"] - part["macro_f1"]).fillna(0)]
+        ax.bar(x, part["macro_f1"], width, yerr=errors, capsize=3, label=domain)
+    ax.set_xticks([i + width * (len(domains) - 1) / 2 for i in range(len(methods))], methods, rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("macro-F1 (fine classes)")
+    ax.set_title("Adaptation methods across domains (bars: 95 % bootstrap interval over test images)")
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    write_figure(path, figure)
+
+
+def compare(
+    *,
+    methods: Sequence[str],
+    deployed: str,
+    translations: Sequence[str],
+    seed: int,
+    metrics: Path,
+    prepared: Path,
+    translated: Path,
+    out: Path,
+    plots: Path,
+    translate_plots: Path,
+    report: Path,
+) -> None:
+    """Write ``out`` (the cross-domain table), its plots, the UMAP of the translations and ``report``."""
     table = _table(methods, metrics)
-    grid = table.pivot(index="method", columns="domain", values="macro_f1").reindex(list(methods))
     evaluations = {m: _read(metrics / "evaluate" / f"{m}.json") for m in methods}
     result = {
-        "selected_method": selected,
-        "macro_f1": {m: {d: float(v) for d, v in grid.loc[m].items()} for m in methods},
-        "cytologia_score": {m: e.get("cytologia_score") for m, e in evaluations.items()},
+        "deployed_method": deployed,
+        "macro_f1": {m: {r.domain: r.macro_f1 for r in table[table["method"] == m].itertuples()} for m in methods},
+        "macro_f1_interval": {
+            m: {
+                r.domain: [r.low, r.high]
+                for r in table[table["method"] == m].itertuples()
+                if r.low is not None and not pd.isna(r.low)
+            }
+            for m in methods
+        },
+        "cytologia_score": {m: e["overall"].get("cytologia", {}).get("score") for m, e in evaluations.items()},
     }
     write_json(out, result)
     write_csv(plots / "macro_f1.csv", table.assign(cell=table["method"] + " @ " + table["domain"]).round(4))
-    _heatmap(grid, plots / "table.png")
-    write_text(report, _report(methods, selected, grid, evaluations, metrics))
+    _bars(table, plots / "macro_f1.png")
+    domain_map(
+        prepared=prepared,
+        translated=translated,
+        translations=translations,
+        seed=seed,
+        csv=translate_plots / "umap.csv",
+        png=translate_plots / "umap.png",
+    )
+    write_text(
+        report, _report(methods, deployed, translations, table, evaluations, metrics, report, plots, translate_plots)
+    )
 
 
-def _report(methods: Sequence[str], selected: str, grid: pd.DataFrame, evaluations: dict, metrics: Path) -> str:
-    end_to_end = pd.DataFrame([
-        {"method": m, "CytologIA score": e.get("cytologia_score"), "box term": e.get("box_term"),
-         "macro-F1 (fine)": e["macro_f1"], "macro-F1 (5 types)": e["coarse_macro_f1"],
-         "balanced acc.": e["balanced_accuracy"], "missed boxes": e.get("missed_boxes"), "test cells": e["cells"]}
-        for m, e in evaluations.items()
-    ])  # fmt: skip
-    translation = pd.DataFrame([
-        {"method": m, "SSIM (luminance)": t["ssim_luminance"],
-         "KID to target before": t["kid_random_resnet18"]["source_to_target"]["mean"],
-         "KID to target after": t["kid_random_resnet18"]["translated_to_target"]["mean"]}
-        for m in methods for t in [_read(metrics / "translate" / f"{m}.json")]
-    ])  # fmt: skip
+def _link(target: Path, report: Path) -> str:
+    return Path(os.path.relpath(target, report.parent)).as_posix()
+
+
+def _report(
+    methods: Sequence[str],
+    deployed: str,
+    translations: Sequence[str],
+    table: pd.DataFrame,
+    evaluations: dict,
+    metrics: Path,
+    report: Path,
+    plots: Path,
+    translate_plots: Path,
+) -> str:
+    grid = table.assign(cell=[_cell(r.macro_f1, r.low, r.high) for r in table.itertuples()])
+    grid = grid.pivot(index="method", columns="domain", values="cell").reindex(list(methods)).reset_index()
+    end_to_end = []
+    for method, e in evaluations.items():
+        overall, cytologia = e["overall"], e["overall"].get("cytologia", {})
+        end_to_end.append(
+            {
+                "method": method,
+                "macro-F1 (fine)": _cell(overall["macro_f1"], *overall["macro_f1_interval"]),
+                "macro-F1 (coarse)": _cell(overall["coarse_macro_f1"], *overall["coarse_macro_f1_interval"]),
+                "balanced acc.": _cell(overall["balanced_accuracy"], *overall["balanced_accuracy_interval"]),
+                "CytologIA score": _cell(cytologia["score"], *cytologia["score_interval"]) if cytologia else "-",
+                "missed boxes": cytologia.get("missed_boxes", "-"),
+                "ECE (calibrated / raw)": f"{e['calibration']['ece']:.4f} / {e['calibration']['ece_uncalibrated']:.4f}",
+                "test cells": overall["cells"],
+            }
+        )
     lines = [
         "# hemaflow results",
         "",
-        "Generated by the `compare` stage from `metrics/` and `plots/`; rebuilt by `dvc repro`.",
-        f"The deployed adaptation method (`translate.method`, used by `hemaflow predict`) is **{selected}**.",
+        "Generated by the `compare` stage from `metrics/` and `plots/`; rebuilt by `dvc repro`. Intervals are 95 %",
+        "percentile bootstraps over test images (the cells of one image resampled together).",
+        f"The deployed adaptation method (`adapt.deploy`, used by `hemaflow predict`) is **{deployed}**.",
         "",
         "## Cross-domain macro-F1",
         "",
-        _markdown(grid.reset_index()),
+        _markdown(grid),
         "",
-        "![cross-domain table](../plots/cross_domain/table.png)",
+        f"![cross-domain macro-F1]({_link(plots / 'macro_f1.png', report)})",
         "",
-        "## End to end on the test split (detector + classifier)",
+        "## End to end on the test split",
         "",
         "CytologIA score = 0.2 x mean rescaled GIoU + 0.8 x macro-F1: each true box takes the predicted",
         "box with the highest GIoU in its image (predictions de-duplicated, no one-to-one matching),",
         "rescaled GIoU = (GIoU + 1) / 2, and a true box without any prediction scores 0 and a wrong class.",
         "",
-        _markdown(end_to_end),
+        _markdown(pd.DataFrame(end_to_end)),
         "",
     ]
-    detect_path = metrics / "detect.json"
-    if detect_path.exists():
-        detect = _read(detect_path)
-        rows = [{"split": s, **{k: detect[s][k] for k in ("AP50", "mAP", "recall_50", "mean_giou", "cytologia_box_term")}}
-                for s in ("val", "test") if s in detect]  # fmt: skip
-        lines += ["## Detector", "", _markdown(pd.DataFrame(rows)), ""]
+    detect = _read(metrics / "detect.json")
+    if detect.get("detector") == "none":
+        lines += ["## Detector", "", f"No detector took part: {detect['reason']}.", ""]
+    else:
+        rows = [
+            {
+                "split": s,
+                "AP50": _cell(detect[s]["AP50"], *detect[s]["AP50_interval"]),
+                **{k: detect[s][k] for k in ("mAP", "precision_50", "recall_50", "mean_giou", "cytologia_box_term")},
+            }
+            for s in ("val", "test")
+            if s in detect
+        ]
+        lines += [
+            "## Detector",
+            "",
+            f"Score threshold {detect['score_threshold']:.4f} ({detect['threshold_from']}).",
+            "",
+            _markdown(pd.DataFrame(rows)),
+            "",
+        ]
+    translation = pd.DataFrame(
+        [
+            {
+                "translation": t,
+                "SSIM (luminance)": m["ssim_luminance"],
+                "KID to target before": m["kid_random_resnet18"]["source_to_target"]["mean"],
+                "KID to target after": m["kid_random_resnet18"]["translated_to_target"]["mean"],
+            }
+            for t in translations
+            for m in [_read(metrics / "translate" / f"{t}.json")]
+        ]
+    )
     lines += [
         "## Stain translation",
         "",
@@ -128,10 +238,13 @@ def _report(methods: Sequence[str], selected: str, grid: pd.DataFrame, evaluatio
         "",
         _markdown(translation),
         "",
-        *(f"![{m} samples](../plots/translate/{m}/samples.png)\n![{m} UMAP](../plots/translate/{m}/umap.png)\n" for m in methods),
+        f"![UMAP of the domains before and after each translation]({_link(translate_plots / 'umap.png', report)})",
+        "",
+        *(f"![{t} samples]({_link(translate_plots / t / 'samples.png', report)})" for t in translations),
+        "",
         "## Data",
         "",
-        "![cells per class and domain](../plots/data/class_by_domain.png)",
+        f"![cells per class and domain]({_link(plots.parent / 'data' / 'class_by_domain.png', report)})",
         "",
     ]
     return "\n".join(lines)

@@ -1,102 +1,222 @@
-"""The ``evaluate`` stage: the held-out test split end to end, scored as the CytologIA challenge did.
+"""The ``evaluate`` stage: the held-out test split end to end, each headline number with its interval.
 
-Test smear fields go through ``CellPipeline`` (detector, crop, classifier: exactly what
-``hemaflow predict`` runs); each true box takes the predicted box with the highest GIoU and its
-class (``hemaflow.metrics.cytologia_score``). Test cells that come as single-cell images (no
-box) are classified from their prepared crop. Scores are reported overall and per test domain,
-on fine classes and on the five main types (coarse classes).
+Test smear fields: the ``detect`` stage's boxes (the detector, tiling and threshold that
+``hemaflow predict`` uses) are cut at the training field of view and classified by the method's
+fold ensemble (``classify.inference``, the code ``hemaflow predict`` runs); each true box takes
+the predicted box with the highest GIoU and its class, as the CytologIA organisers scored. The
+same cells are also classified at their true boxes (the classifier alone). Single-cell test
+images are classified from their prepared crop.
+
+Every score is reported overall and per test domain, on fine classes and on coarse classes
+(``coarse_macro_f1``: the five main leukocyte types where the data holds only those), each with
+a percentile-bootstrap interval over test images (the cells of one field resampled together).
+Also: calibration error on the test cells with and without temperature scaling, and the review
+queue (``predict.review_below``): macro-F1 on the cells confident enough to accept and the share
+sent to a hematologist, with the coverage-accuracy curve.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm import tqdm
 
 from hemaflow._io import write_csv, write_json
+from hemaflow.classify.inference import crops_at_boxes, ensemble_probabilities, fold_logits, load_ensemble
 from hemaflow.data.classes import load_class_matrix
-from hemaflow.data.images import load_rgb
+from hemaflow.data.images import MAX_FIELD_PIXELS, load_rgb
 from hemaflow.errors import HemaflowError
-from hemaflow.metrics import classification_metrics, cytologia_score
-from hemaflow.params import Params
-from hemaflow.predict import MAX_FIELD_PIXELS, CellPipeline
+from hemaflow.metrics import (
+    MISSED,
+    best_giou_matches,
+    bootstrap_interval,
+    classification_metrics,
+    expected_calibration_error,
+    label_scores,
+)
+from hemaflow.params import ClassifyParams, CropParams, EvaluateParams
+from hemaflow.runtime import select_device
+from hemaflow.tables import boxes, has_box, labelled, read_cells, read_crop, read_detections
 
-__all__ = ["evaluate"]
+__all__ = ["coverage_curve", "evaluate", "score_cells"]
 
 
-def _scores(matches: list[tuple[str, str]], coarse_of: dict[str, str]) -> dict:
-    fine = classification_metrics([a for a, _ in matches], [p for _, p in matches])
-    coarse = classification_metrics([coarse_of[a] for a, _ in matches], [coarse_of.get(p, p) for _, p in matches])
+def _coded(truth: pd.Series, chosen: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    codes = {label: i for i, label in enumerate(sorted(set(truth) | set(chosen)))}
+    return truth.map(codes).to_numpy(), chosen.map(codes).to_numpy()
+
+
+def _interval(statistic, groups: np.ndarray, evaluation: EvaluateParams, seed: int) -> list[float]:
+    return list(bootstrap_interval(statistic, groups, evaluation.bootstrap, evaluation.confidence, seed))
+
+
+def _label_intervals(
+    truth: np.ndarray, chosen: np.ndarray, groups: np.ndarray, evaluation: EvaluateParams, seed: int
+) -> dict:
     return {
-        "macro_f1": fine["macro_f1"],
-        "balanced_accuracy": fine["balanced_accuracy"],
-        "accuracy": fine["accuracy"],
-        "coarse_macro_f1": coarse["macro_f1"],
-        "per_class": fine["per_class"],
-        "cells": len(matches),
+        f"{key}_interval": _interval(
+            lambda rows, key=key: label_scores(truth[rows], chosen[rows])[key], groups, evaluation, seed
+        )
+        for key in ("macro_f1", "balanced_accuracy")
     }
 
 
-def evaluate(params: Params, method: str, prepared: Path, detector: Path, classifier: Path, predictions: Path,
-             metrics: Path, plots: Path) -> None:  # fmt: skip
-    """Score the test split end to end; write ``metrics``, ``plots`` and the per-cell ``predictions``."""
-    cells = pd.read_csv(prepared / "cells.csv", keep_default_na=False)
-    images = pd.read_csv(prepared / "images.csv", keep_default_na=False)
-    test = cells[(cells["role"] == "test") & (cells["fine_class"] != "")]
-    if test.empty:
-        raise HemaflowError(f"{prepared / 'cells.csv'}: no labelled test cells (give a dataset role: test)")
-    pipeline = CellPipeline.load(params, detector, classifier, params.detect.device)
-    coarse_of = load_class_matrix().coarse_of
-    boxed = test[test["x1"] != ""]
-    fields = images[(images["split"] == "test") & (images["field"] != "")]
-    rows, per_domain, box_results = [], {}, {}
-    tick = time.perf_counter()
-    for field in tqdm(fields.itertuples(), total=len(fields), desc=f"evaluate ({method})", unit="field"):
-        rgb, _, _ = load_rgb(Path(field.image), MAX_FIELD_PIXELS)
-        prediction = pipeline(rgb, field.px_per_um)
-        truth = boxed[boxed["image"] == field.image]
-        box_results.setdefault(field.domain, ({}, {}))
-        box_results[field.domain][0][field.image] = (truth[["x1", "y1", "x2", "y2"]].to_numpy(float), list(truth["fine_class"]))
-        box_results[field.domain][1][field.image] = (prediction.boxes, prediction.classes)
-        rows += [{"image": field.image, "x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3], "class": c, "box_score": s,
-                  "class_confidence": p} for b, c, s, p in zip(prediction.boxes, prediction.classes, prediction.scores,
-                                                                prediction.confidence, strict=True)]  # fmt: skip
-    seconds_per_field = (time.perf_counter() - tick) / len(fields) if len(fields) else None
-    all_matches: list[tuple[str, str]] = []
-    for domain, (truth, predicted) in box_results.items():
-        if not any(len(t[1]) for t in truth.values()):
-            continue
-        result = cytologia_score(truth, predicted)
-        all_matches += result["matches"]
-        per_domain[domain] = _scores(result["matches"], coarse_of) | {
-            "cytologia_score": result["score"], "box_term": result["box_term"], "mean_giou": result["mean_giou"],
-            "missed_boxes": result["missed_boxes"], "fields": len(truth),
-        }  # fmt: skip
-    single = test[test["x1"] == ""]
-    if not single.empty:  # single-cell test images: the classifier alone, on prepare's crops
-        crops = [np.asarray(Image.open(prepared / p).convert("RGB")) for p in single["crop"]]
-        chosen = [pipeline.classes[i] for i in pipeline.classify(crops).argmax(1)]
-        for domain, part in single.assign(predicted=chosen).groupby("domain"):
-            matches = list(zip(part["fine_class"], part["predicted"], strict=True))
-            all_matches += matches
-            per_domain.setdefault(domain, {}).update({"single_cell": _scores(matches, coarse_of)})
-    overall = _scores(all_matches, coarse_of)
-    boxed_truth = {f"{d}/{k}": v for d, (t, _) in box_results.items() for k, v in t.items()}
-    boxed_pred = {f"{d}/{k}": v for d, (_, p) in box_results.items() for k, v in p.items()}
-    if any(len(v[1]) for v in boxed_truth.values()):
-        overall_box = cytologia_score(boxed_truth, boxed_pred)
-        overall |= {"cytologia_score": overall_box["score"], "box_term": overall_box["box_term"],
-                    "mean_giou": overall_box["mean_giou"], "missed_boxes": overall_box["missed_boxes"]}  # fmt: skip
-    write_json(metrics, {"method": method, **overall, "domains": per_domain,
-                         "seconds_per_field": seconds_per_field, "predicted_cells": len(rows)})  # fmt: skip
-    confusion = pd.DataFrame(all_matches, columns=["actual", "predicted"]).sort_values(["actual", "predicted"], kind="stable")
-    write_csv(plots / "confusion.csv", confusion)
-    f1 = pd.DataFrame([{"class": c, "f1": v["f1"]} for c, v in overall["per_class"].items()])
-    write_csv(plots / "per_class_f1.csv", f1)
-    write_csv(predictions, pd.DataFrame(rows, columns=["image", "x1", "y1", "x2", "y2", "class", "box_score",
-                                                        "class_confidence"]).round(4))  # fmt: skip
+def score_cells(cells: pd.DataFrame, column: str, evaluation: EvaluateParams, seed: int) -> dict:
+    """Scores of ``cells`` (``fine_class`` against ``column``) with intervals resampling ``image``.
 
+    Fine classes and coarse groups; where cells carry a ``rescaled_giou`` (smear fields, end to
+    end), the CytologIA score of those cells too.
+    """
+    coarse_of = load_class_matrix().coarse_of
+    groups = cells["image"].to_numpy()
+    result: dict = {"cells": len(cells), "images": int(cells["image"].nunique())}
+    for prefix, truth, chosen in (
+        ("", cells["fine_class"], cells[column]),
+        ("coarse_", cells["fine_class"].map(coarse_of), cells[column].map(lambda c: coarse_of.get(c, c))),
+    ):
+        t, p = _coded(truth, chosen)
+        result |= {f"{prefix}{k}": v for k, v in label_scores(t, p).items()}
+        result |= {f"{prefix}{k}": v for k, v in _label_intervals(t, p, groups, evaluation, seed).items()}
+    result["per_class"] = classification_metrics(list(cells["fine_class"]), list(cells[column]))["per_class"]
+    fields = cells[cells["rescaled_giou"].notna()] if "rescaled_giou" in cells else cells.iloc[:0]
+    if len(fields):
+        t, p = _coded(fields["fine_class"], fields[column])
+        rescaled = fields["rescaled_giou"].to_numpy(np.float64)
+
+        def cytologia(rows: np.ndarray) -> float:
+            return 0.2 * float(rescaled[rows].mean()) + 0.8 * label_scores(t[rows], p[rows])["macro_f1"]
+
+        result["cytologia"] = {
+            "score": cytologia(np.arange(len(fields))),
+            "score_interval": _interval(cytologia, fields["image"].to_numpy(), evaluation, seed),
+            "box_term": float(rescaled.mean()),
+            "missed_boxes": int((fields[column] == MISSED).sum()),
+            "true_boxes": len(fields),
+        }
+    return result
+
+
+def _matched_boxes(truth: pd.DataFrame, found: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per true box of one field: the detection of highest GIoU (CytologIA's rule; NaN row: none) and (GIoU + 1) / 2 (0: none)."""
+    candidates = np.unique(boxes(found), axis=0) if len(found) else np.zeros((0, 4))
+    best, giou, _ = best_giou_matches(boxes(truth), candidates)
+    chosen = np.full((len(truth), 4), np.nan)
+    chosen[best >= 0] = candidates[best[best >= 0]]
+    return chosen, np.where(best >= 0, (giou + 1) / 2, 0.0)
+
+
+def _crops(test: pd.DataFrame, detections: pd.DataFrame, prepared: Path, geometry: CropParams):
+    """Every crop to classify, in order: per test cell its crop at the matched detection (fields, end
+    to end) or its prepared crop (single-cell images), then the field cells at their true boxes."""
+    by_image = dict(tuple(detections.groupby("image")))
+    end_to_end, at_truth, rescaled = [], [], np.full(len(test), np.nan)
+    position = {index: k for k, index in enumerate(test.index)}
+    for image, truth in tqdm(test[has_box(test)].groupby("image", sort=True), desc="evaluate fields", unit="field"):
+        chosen, score = _matched_boxes(truth, by_image.get(image, detections.iloc[:0]))
+        rgb = load_rgb(Path(image), MAX_FIELD_PIXELS)[0]
+        ppu = float(truth["px_per_um"].iloc[0])
+        rows = [position[i] for i in truth.index]
+        hit = ~np.isnan(chosen[:, 0])
+        end_to_end += list(zip(np.asarray(rows)[hit], crops_at_boxes(rgb, chosen[hit], ppu, geometry), strict=True))
+        at_truth += list(zip(rows, crops_at_boxes(rgb, boxes(truth), ppu, geometry), strict=True))
+        rescaled[rows] = score
+    for index, row in test[~has_box(test)].iterrows():
+        end_to_end.append((position[index], read_crop(prepared / row["crop"])))
+    return end_to_end, at_truth, rescaled
+
+
+def _calibration(cells: pd.DataFrame) -> dict:
+    """Expected calibration error of the chosen class on the test cells that were found."""
+    found = cells[cells["predicted"] != MISSED]
+    correct = (found["predicted"] == found["fine_class"]).to_numpy(float)
+    return {
+        "ece": expected_calibration_error(found["confidence"].to_numpy(), correct),
+        "ece_uncalibrated": expected_calibration_error(found["confidence_raw"].to_numpy(), correct),
+    }
+
+
+def coverage_curve(cells: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy of the accepted cells as the confidence needed to accept one rises (a review queue)."""
+    ranked = cells.sort_values("confidence", ascending=False, kind="stable")
+    correct = (ranked["predicted"] == ranked["fine_class"]).to_numpy(float)
+    kept = np.arange(1, len(ranked) + 1)
+    curve = pd.DataFrame(
+        {
+            "threshold": ranked["confidence"].to_numpy(),
+            "coverage": kept / len(ranked),
+            "accuracy": np.cumsum(correct) / kept,
+        }
+    )
+    return curve.groupby("threshold", sort=False).last().reset_index()
+
+
+def _review(cells: pd.DataFrame, below: float, plots: Path) -> dict:
+    """What ``predict.review_below`` does on the test split: the cells accepted, their macro-F1, the share sent to review."""
+    write_csv(plots / "coverage.csv", coverage_curve(cells).round(4))
+    accepted = cells[cells["confidence"] >= below]
+    result = {
+        "review_below": below,
+        "review_share": float(1 - len(accepted) / len(cells)),
+        "accepted_cells": len(accepted),
+    }
+    if len(accepted):
+        scores = classification_metrics(list(accepted["fine_class"]), list(accepted["predicted"]))
+        result["accepted_macro_f1"] = scores["macro_f1"]
+    return result
+
+
+def evaluate(
+    *,
+    method: str,
+    geometry: CropParams,
+    classify: ClassifyParams,
+    review_below: float,
+    evaluation: EvaluateParams,
+    seed: int,
+    prepared: Path,
+    detections: Path,
+    classifier: Path,
+    out: Path,
+    metrics: Path,
+    plots: Path,
+) -> None:
+    """Score the method's classifier on every labelled test cell; write ``metrics``, ``plots`` and ``out`` (one row per cell)."""
+    test = labelled(read_cells(prepared), "test").reset_index(drop=True)
+    if test.empty:
+        raise HemaflowError(f"{prepared / 'cells.csv'}: no labelled test cells (give a labelled dataset role: test)")
+    ensemble = load_ensemble(classifier)
+    classes = np.array(ensemble[0][1].classes)
+    device = select_device(classify.device, "classify.device")
+    end_to_end, at_truth, rescaled = _crops(test, read_detections(detections, ("test",)), prepared, geometry)
+    logits = fold_logits(ensemble, [c for _, c in end_to_end + at_truth], classify.tta, device, 64)
+    calibrated, raw = (
+        ensemble_probabilities(ensemble, logits),
+        ensemble_probabilities(ensemble, logits, calibrated=False),
+    )
+    split = len(end_to_end)
+    rows = [r for r, _ in end_to_end]
+    cells = test.assign(
+        predicted=MISSED, confidence=0.0, confidence_raw=0.0, rescaled_giou=rescaled, predicted_at_true_box=None
+    )
+    cells.loc[rows, "predicted"] = classes[calibrated[:split].argmax(1)]
+    cells.loc[rows, "confidence"] = calibrated[:split].max(1)
+    cells.loc[rows, "confidence_raw"] = raw[:split].max(1)
+    cells.loc[[r for r, _ in at_truth], "predicted_at_true_box"] = classes[calibrated[split:].argmax(1)]
+
+    result: dict = {"method": method, "overall": score_cells(cells, "predicted", evaluation, seed), "domains": {}}
+    for domain, part in cells.groupby("domain"):
+        result["domains"][domain] = score_cells(part, "predicted", evaluation, seed)
+        boxed = part[part["predicted_at_true_box"].notna()]
+        if len(boxed):  # the classifier alone: the same cells at their true boxes
+            at_box = boxed.drop(columns="rescaled_giou")
+            result["domains"][domain]["at_true_boxes"] = score_cells(at_box, "predicted_at_true_box", evaluation, seed)
+    result["calibration"] = _calibration(cells)
+    result["review"] = _review(cells, review_below, plots)
+    write_json(metrics, result)
+    confusion = cells[["fine_class", "predicted"]].rename(columns={"fine_class": "actual"})
+    write_csv(plots / "confusion.csv", confusion.sort_values(["actual", "predicted"], kind="stable"))
+    per_class = result["overall"]["per_class"]
+    write_csv(plots / "per_class_f1.csv", pd.DataFrame([{"class": c, "f1": v["f1"]} for c, v in per_class.items()]))
+    write_csv(out, cells.round(4))

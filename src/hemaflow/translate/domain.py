@@ -12,20 +12,17 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import timm
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics.image.kid import KernelInceptionDistance
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
-from torchmetrics.functional.image import structural_similarity_index_measure  # noqa: E402
-from torchmetrics.image.kid import KernelInceptionDistance  # noqa: E402
-
-from hemaflow._io import write_csv, write_figure  # noqa: E402
+from hemaflow._io import write_csv, write_figure
+from hemaflow.tables import read_cells, read_crops, source_and_target
 
 __all__ = ["FeatureNet", "domain_map", "kernel_distance", "mean_ssim"]
 
@@ -79,15 +76,18 @@ def mean_ssim(before: Sequence[np.ndarray], after: Sequence[np.ndarray]) -> floa
         return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
     scores = [
-        structural_similarity_index_measure(luminance(after[i : i + 256]), luminance(before[i : i + 256]),
-                                            data_range=1.0, reduction="none")  # fmt: skip
+        structural_similarity_index_measure(
+            luminance(after[i : i + 256]), luminance(before[i : i + 256]), data_range=1.0, reduction="none"
+        )
         for i in range(0, len(before), 256)
     ]
     return float(torch.cat(scores).mean())
 
 
-def domain_map(prepared: Path, translated: Path, methods: Sequence[str], seed: int, csv: Path, png: Path) -> None:
-    """One UMAP of the cells of every domain, before and after each method's translation.
+def domain_map(
+    *, prepared: Path, translated: Path, translations: Sequence[str], seed: int, csv: Path, png: Path
+) -> None:
+    """One UMAP of the cells of every domain, before and after each translation.
 
     The embedding is fitted on all groups together (source as prepared, each method's translated
     source, target), so the panels share coordinates: a method that works moves the source cloud
@@ -95,37 +95,28 @@ def domain_map(prepared: Path, translated: Path, methods: Sequence[str], seed: i
     """
     import umap  # numba compiles on first use (about 18 s): only this stage pays for it
 
-    from hemaflow.translate.train import domain_cells
-
-    source, target = domain_cells(prepared)
+    source, target = source_and_target(prepared)
     net = FeatureNet()
-    features = {"source": net.embed(_read_all(prepared, source["crop"])),
-                "target": net.embed(_read_all(prepared, target["crop"]))}  # fmt: skip
-    adapted = [m for m in methods if m != "none"]
+    features = {"source": net.embed(read_crops(prepared, source)), "target": net.embed(read_crops(prepared, target))}
+    adapted = [m for m in translations if m != "none"]
     for method in adapted:
-        cells = pd.read_csv(translated / method / "cells.csv", keep_default_na=False)
-        features[method] = net.embed(_read_all(translated / method, cells["crop"]))
+        features[method] = net.embed(read_crops(translated / method, read_cells(translated / method, "translate")))
     groups = list(features)
     stacked = np.concatenate([features[g] for g in groups])
     xy = umap.UMAP(n_neighbors=min(15, len(stacked) - 1), random_state=seed, n_jobs=1).fit_transform(stacked)
     frame = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "group": np.repeat(groups, [len(features[g]) for g in groups])})
     write_csv(csv, frame.round(4))
     panels = [("source", "before translation")] + [(m, f"after {m}") for m in adapted]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), sharex=True, sharey=True, squeeze=False)
+    fig = Figure(figsize=(4.2 * len(panels), 4.4))
+    axes = fig.subplots(1, len(panels), sharex=True, sharey=True, squeeze=False)
     for ax, (group, heading) in zip(axes[0], panels, strict=True):
         for shown, colour in ((group, "tab:blue"), ("target", "tab:green")):
             part = frame[frame["group"] == shown]
-            ax.scatter(part["x"], part["y"], s=5, alpha=0.6, c=colour, label="target" if shown == "target" else "source")
+            ax.scatter(
+                part["x"], part["y"], s=5, alpha=0.6, c=colour, label="target" if shown == "target" else "source"
+            )
         ax.set_title(heading)
         ax.legend(markerscale=2, loc="best")
     fig.suptitle("UMAP of cell embeddings (fixed random ResNet-18 features), source vs target domain")
     fig.tight_layout()
     write_figure(png, fig)
-
-
-def _read_all(root: Path, crops: Sequence[str]) -> list[np.ndarray]:
-    images = []
-    for crop in crops:
-        with Image.open(root / crop) as image:
-            images.append(np.asarray(image.convert("RGB")))
-    return images

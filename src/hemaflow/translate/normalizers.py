@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torchstain.torch.normalizers import TorchMacenkoNormalizer, TorchReinhardNormalizer
 
-from hemaflow.params import AdaptationMethod
+from hemaflow.params import Translation
 
 __all__ = ["Normalizer", "fit_normalizer", "montage"]
 
@@ -43,14 +43,14 @@ def _chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-def fit_normalizer(method: AdaptationMethod, target_images: Sequence[np.ndarray]) -> Normalizer:
+def fit_normalizer(method: Translation, target_images: Sequence[np.ndarray]) -> Normalizer:
     """A function that brings one image to the look of ``target_images``."""
     reference = _chw(montage(target_images))
-    if method is AdaptationMethod.reinhard:
+    if method is Translation.reinhard:
         reinhard = TorchReinhardNormalizer()
         reinhard.fit(reference)
         return lambda image: reinhard.normalize(_chw(image)).numpy()  # torchstain returns H x W x 3 here
-    if method is AdaptationMethod.macenko:
+    if method is Translation.macenko:
         macenko = TorchMacenkoNormalizer()
         macenko.fit(reference)
 

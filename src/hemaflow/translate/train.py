@@ -11,9 +11,7 @@ loaded with ``weights_only=True``) and a rerun with the same params and data res
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import random
 import time
 from pathlib import Path
@@ -23,18 +21,20 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
-from hemaflow._io import write_csv, write_json, write_tensors, write_text
+from hemaflow._io import atomic_dir, write_csv, write_json, write_tensors
 from hemaflow.errors import HemaflowError
-from hemaflow.params import CycleGanParams, Precision
+from hemaflow.params import CycleGanParams
+from hemaflow.resume import TrainingState, file_digest, fingerprint
+from hemaflow.runtime import autocast, conditions, select_device
+from hemaflow.tables import read_crop, source_and_target
 from hemaflow.translate.cyclegan import ImagePool, PatchDiscriminator, ResnetGenerator, init_weights
 from hemaflow.translate.images import sample_grid, to_uint8
 
-__all__ = ["domain_cells", "train_translator"]
+__all__ = ["train_translator"]
 
 LOSSES = ("G_A", "G_B", "cycle_A", "cycle_B", "idt_A", "idt_B", "D_A", "D_B")
 
@@ -42,37 +42,22 @@ LOSSES = ("G_A", "G_B", "cycle_A", "cycle_B", "idt_A", "idt_B", "D_A", "D_B")
 class _Crops(Dataset):
     def __init__(self, paths: list[Path], img_size: int):
         self.paths = paths
-        self.transform = A.Compose([
-            A.Resize(img_size, img_size, interpolation=cv2.INTER_AREA),
-            A.HorizontalFlip(), A.VerticalFlip(), A.RandomRotate90(),
-            A.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), max_pixel_value=255.0),
-        ])  # fmt: skip
+        self.transform = A.Compose(
+            [
+                A.Resize(img_size, img_size, interpolation=cv2.INTER_AREA),
+                A.HorizontalFlip(),
+                A.VerticalFlip(),
+                A.RandomRotate90(),
+                A.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), max_pixel_value=255.0),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        with Image.open(self.paths[index]) as image:
-            array = self.transform(image=np.asarray(image.convert("RGB")))["image"]
+        array = self.transform(image=read_crop(self.paths[index]))["image"]
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-
-
-def domain_cells(prepared: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The labelled source cells (domain A) and the target-role cells (domain B) of prepare's output."""
-    cells = pd.read_csv(prepared / "cells.csv", keep_default_na=False)
-    source = cells[(cells["role"] == "source") & (cells["fine_class"] != "")]
-    target = cells[cells["role"] == "target"]
-    for name, frame in (("labelled source", source), ("target", target)):
-        if frame.empty:
-            raise HemaflowError(f"{prepared / 'cells.csv'}: no {name} cells; translation needs both domains "
-                                "(give an unlabelled dataset role: target)")  # fmt: skip
-    return source, target
-
-
-def _device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise HemaflowError("translate.cyclegan.device: cuda requested but no GPU is visible")
-    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 class CycleGan(nn.Module):
@@ -93,13 +78,21 @@ def _lsgan(prediction: torch.Tensor, real: bool) -> torch.Tensor:
     return nn.functional.mse_loss(prediction.float(), torch.full_like(prediction.float(), float(real)))
 
 
-def _step(gan: CycleGan, real_a: torch.Tensor, real_b: torch.Tensor, pools: tuple[ImagePool, ImagePool],
-          params: CycleGanParams, optimizers: tuple, scaler: torch.amp.GradScaler, autocast: torch.autocast) -> dict:  # fmt: skip
+def _step(
+    gan: CycleGan,
+    real_a: torch.Tensor,
+    real_b: torch.Tensor,
+    pools: tuple[ImagePool, ImagePool],
+    params: CycleGanParams,
+    optimizers: tuple,
+    scaler: torch.amp.GradScaler,
+    mixed_precision: torch.autocast,
+) -> dict:
     optimizer_g, optimizer_d = optimizers
     discriminators = (gan.D_A, gan.D_B)
     for d in discriminators:
         d.requires_grad_(False)
-    with autocast:
+    with mixed_precision:
         fake_b, fake_a = gan.G_A(real_a), gan.G_B(real_b)
         rec_a, rec_b = gan.G_B(fake_b), gan.G_A(fake_a)
         losses = {
@@ -117,7 +110,7 @@ def _step(gan: CycleGan, real_a: torch.Tensor, real_b: torch.Tensor, pools: tupl
     scaler.step(optimizer_g)
     for d in discriminators:
         d.requires_grad_(True)
-    with autocast:
+    with mixed_precision:
         old_b, old_a = pools[0].query(fake_b), pools[1].query(fake_a)
         losses["D_A"] = 0.5 * (_lsgan(gan.D_A(real_b), True) + _lsgan(gan.D_A(old_b.detach()), False))
         losses["D_B"] = 0.5 * (_lsgan(gan.D_B(real_a), True) + _lsgan(gan.D_B(old_a.detach()), False))
@@ -129,57 +122,68 @@ def _step(gan: CycleGan, real_a: torch.Tensor, real_b: torch.Tensor, pools: tupl
 
 
 def _loader(paths: list[Path], params: CycleGanParams, samples: int, seed: int, cuda: bool) -> DataLoader:
-    sampler = RandomSampler(range(len(paths)), replacement=True, num_samples=samples,
-                            generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    return DataLoader(_Crops(paths, params.img_size), params.batch_size, sampler=sampler, drop_last=True,
-                      num_workers=params.num_workers, pin_memory=cuda)  # fmt: skip
-
-
-def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    sampler = RandomSampler(
+        range(len(paths)), replacement=True, num_samples=samples, generator=torch.Generator().manual_seed(seed)
+    )
+    return DataLoader(
+        _Crops(paths, params.img_size),
+        params.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=params.num_workers,
+        pin_memory=cuda,
+    )
 
 
 def _export(gan: CycleGan, params: CycleGanParams, crop_pixels: int, history: list[dict], out: Path) -> None:
-    """Both generators as safetensors plus the JSON that rebuilds them (``load_generator``)."""
-    staging = out.with_name(f".{out.name}.partial")
-    staging.mkdir(parents=True, exist_ok=True)
-    for name, network in (("to_target", gan.G_A), ("to_source", gan.G_B)):
-        write_tensors(staging / f"{name}.safetensors", network.state_dict())
-    card = {"ngf": params.ngf, "n_blocks": params.n_blocks, "upsample": params.upsample, "img_size": params.img_size,
-            "crop_pixels": crop_pixels, "epochs": len(history), "final_losses": history[-1] if history else {}}  # fmt: skip
-    write_text(staging / "translator.json", json.dumps(card, indent=2, sort_keys=True) + "\n")
-    if out.exists():
-        for old in out.iterdir():
-            old.unlink()
-        out.rmdir()
-    staging.replace(out)
+    """Both generators as safetensors plus the JSON that rebuilds them (``translate.load_translator``)."""
+    with atomic_dir(out) as staging:
+        for name, network in (("to_target", gan.G_A), ("to_source", gan.G_B)):
+            write_tensors(staging / f"{name}.safetensors", network.state_dict())
+        write_json(
+            staging / "translator.json",
+            {
+                "ngf": params.ngf,
+                "n_blocks": params.n_blocks,
+                "upsample": params.upsample,
+                "img_size": params.img_size,
+                "crop_pixels": crop_pixels,
+                "epochs": len(history),
+                "final_losses": history[-1] if history else {},
+            },
+        )
 
 
 def train_translator(
-    params: CycleGanParams, seed: int, crop_pixels: int, prepared: Path, out: Path, metrics: Path, plots: Path,
-    state_dir: Path,
-) -> None:  # fmt: skip
+    *,
+    params: CycleGanParams,
+    seed: int,
+    crop_pixels: int,
+    prepared: Path,
+    out: Path,
+    metrics: Path,
+    plots: Path,
+    state: Path,
+) -> None:
     """Train CycleGAN on prepared crops; write ``out`` (generators), ``metrics`` and ``plots``."""
-    source, target = domain_cells(prepared)
-    device = _device(params.device)
+    source, target = source_and_target(prepared)
+    device = select_device(params.device, "translate.cyclegan.device")
     cuda = device.type == "cuda"
     torch.manual_seed(seed)
     gan = CycleGan(params, seed).to(device)
-    optimizer_g = torch.optim.Adam(itertools.chain(gan.G_A.parameters(), gan.G_B.parameters()), params.lr,
-                                   betas=(params.beta1, 0.999))  # fmt: skip
-    optimizer_d = torch.optim.Adam(itertools.chain(gan.D_A.parameters(), gan.D_B.parameters()), params.lr,
-                                   betas=(params.beta1, 0.999))  # fmt: skip
+    optimizer_g = torch.optim.Adam(
+        itertools.chain(gan.G_A.parameters(), gan.G_B.parameters()), params.lr, betas=(params.beta1, 0.999)
+    )
+    optimizer_d = torch.optim.Adam(
+        itertools.chain(gan.D_A.parameters(), gan.D_B.parameters()), params.lr, betas=(params.beta1, 0.999)
+    )
     total_epochs = params.epochs + params.epochs_decay
 
     def lr_factor(epoch: int) -> float:  # the reference's linear policy, epochs counted from 0
         return 1.0 - max(0, epoch + 1 - params.epochs) / (params.epochs_decay + 1)
 
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_factor) for o in (optimizer_g, optimizer_d)]
-    dtype = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(params.precision, torch.float32)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=cuda and params.precision is not Precision.fp32)
-    scaler = torch.amp.GradScaler(enabled=cuda and params.precision is Precision.fp16)
+    scaler = torch.amp.GradScaler(enabled=cuda and params.precision == "fp16")
     pools = (ImagePool(params.pool_size, random.Random()), ImagePool(params.pool_size, random.Random()))
 
     paths_a = [prepared / p for p in source["crop"]]
@@ -187,22 +191,23 @@ def train_translator(
     samples = max(len(paths_a), len(paths_b))
     if samples < params.batch_size:
         raise HemaflowError(f"translate.cyclegan.batch_size={params.batch_size} exceeds the {samples} cells per epoch")
-    fingerprint = hashlib.sha256(json.dumps([params.model_dump(mode="json", exclude={"num_workers", "device"}), seed,
-                                             crop_pixels, hashlib.sha256((prepared / "cells.csv").read_bytes()).hexdigest()],
-                                            sort_keys=True).encode()).hexdigest()[:16]  # fmt: skip
-    state_dir.mkdir(parents=True, exist_ok=True)
-    state_path = state_dir / "cyclegan.state.pt"
+    key = fingerprint(
+        params.model_dump(mode="json", exclude={"num_workers", "device"}),
+        seed,
+        crop_pixels,
+        file_digest(prepared / "cells.csv"),
+    )
+    training_state = TrainingState(state / "cyclegan.state.pt", key)
     start, history = 0, []
-    if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        if state["fingerprint"] == fingerprint:
-            gan.load_state_dict(state["model"])
-            optimizer_g.load_state_dict(state["optimizer_g"])
-            optimizer_d.load_state_dict(state["optimizer_d"])
-            for pool, images in zip(pools, state["pools"], strict=True):
-                pool.load(images, device)
-            start, history = state["epoch"], state["history"]
-            print(f"translator: resuming after epoch {start} of {total_epochs}")
+    saved = training_state.load(device)
+    if saved is not None:
+        gan.load_state_dict(saved["model"])
+        optimizer_g.load_state_dict(saved["optimizer_g"])
+        optimizer_d.load_state_dict(saved["optimizer_d"])
+        for pool, images in zip(pools, saved["pools"], strict=True):
+            pool.load(images, device)
+        start, history = saved["epoch"], saved["history"]
+        print(f"translator: resuming after epoch {start} of {total_epochs}")
     for scheduler in schedulers:
         scheduler.last_epoch = start - 1
         scheduler.step()
@@ -218,50 +223,78 @@ def train_translator(
             loader.dataset.transform.set_random_seed(epoch_seed)
         gan.train()
         sums, steps, tick = dict.fromkeys(LOSSES, 0.0), 0, time.perf_counter()
-        bar = tqdm(zip(*loaders, strict=True), total=len(loaders[0]), desc=f"cyclegan epoch {epoch + 1}/{total_epochs}",
-                   unit="batch")  # fmt: skip
+        bar = tqdm(
+            zip(*loaders, strict=True),
+            total=len(loaders[0]),
+            desc=f"cyclegan epoch {epoch + 1}/{total_epochs}",
+            unit="batch",
+        )
         for real_a, real_b in bar:
-            losses = _step(gan, real_a.to(device, non_blocking=True), real_b.to(device, non_blocking=True), pools,
-                           params, (optimizer_g, optimizer_d), scaler, autocast)  # fmt: skip
+            losses = _step(
+                gan,
+                real_a.to(device, non_blocking=True),
+                real_b.to(device, non_blocking=True),
+                pools,
+                params,
+                (optimizer_g, optimizer_d),
+                scaler,
+                autocast(device, params.precision),
+            )
             for name, value in losses.items():
                 sums[name] += value
             steps += 1
-            bar.set_postfix(G=f"{(sums['G_A'] + sums['G_B']) / steps:.3f}", D=f"{(sums['D_A'] + sums['D_B']) / steps:.3f}")
+            bar.set_postfix(
+                G=f"{(sums['G_A'] + sums['G_B']) / steps:.3f}", D=f"{(sums['D_A'] + sums['D_B']) / steps:.3f}"
+            )
         seconds += time.perf_counter() - tick
         seen += steps * params.batch_size
         for scheduler in schedulers:
             scheduler.step()
-        history.append({"epoch": epoch + 1, "lr": optimizer_g.param_groups[0]["lr"]}
-                       | {f"loss_{name}": sums[name] / steps for name in LOSSES})  # fmt: skip
-        _save_state(state_path, {"fingerprint": fingerprint, "epoch": epoch + 1, "history": history,
-                                 "model": gan.state_dict(), "optimizer_g": optimizer_g.state_dict(),
-                                 "optimizer_d": optimizer_d.state_dict(), "pools": [p.state() for p in pools]})  # fmt: skip
+        history.append(
+            {"epoch": epoch + 1, "lr": optimizer_g.param_groups[0]["lr"]}
+            | {f"loss_{name}": sums[name] / steps for name in LOSSES}
+        )
+        training_state.save(
+            {
+                "epoch": epoch + 1,
+                "history": history,
+                "model": gan.state_dict(),
+                "optimizer_g": optimizer_g.state_dict(),
+                "optimizer_d": optimizer_d.state_dict(),
+                "pools": [p.state() for p in pools],
+            }
+        )
 
     gan.eval()
     write_csv(plots / "losses.csv", pd.DataFrame(history))
     _sample_grid(gan, paths_a[:: max(len(paths_a) // 8, 1)][:8], params, device, plots / "samples.png")
     final = history[-1]
-    write_json(metrics, {
-        "epochs": len(history),
-        "source_cells": len(paths_a),
-        "target_cells": len(paths_b),
-        "final_losses": {k[5:]: v for k, v in final.items() if k.startswith("loss_")},
-        "train_ms_per_image": 1000 * seconds / seen if seen else None,  # None: everything resumed
-        "device": device.type,
-    })  # fmt: skip
+    write_json(
+        metrics,
+        {
+            "epochs": len(history),
+            "source_cells": len(paths_a),
+            "target_cells": len(paths_b),
+            "final_losses": {k[5:]: v for k, v in final.items() if k.startswith("loss_")},
+            "train_ms_per_image": 1000 * seconds / seen if seen else None,  # None: everything resumed
+            "device": device.type,
+            "conditions": conditions(),
+        },
+    )
     _export(gan.cpu(), params, crop_pixels, history, out)
-    state_path.unlink()
+    training_state.clear()
 
 
 @torch.no_grad()
 def _sample_grid(gan: CycleGan, paths: list[Path], params: CycleGanParams, device: torch.device, out: Path) -> None:
     """Rows: source cell, translated to the target, reconstructed back."""
-    plain = A.Compose([A.Resize(params.img_size, params.img_size, interpolation=cv2.INTER_AREA),
-                       A.Normalize(mean=(0.5,) * 3, std=(0.5,) * 3, max_pixel_value=255.0)])  # fmt: skip
-    batch = []
-    for path in paths:
-        with Image.open(path) as image:
-            batch.append(plain(image=np.asarray(image.convert("RGB")))["image"].transpose(2, 0, 1))
+    plain = A.Compose(
+        [
+            A.Resize(params.img_size, params.img_size, interpolation=cv2.INTER_AREA),
+            A.Normalize(mean=(0.5,) * 3, std=(0.5,) * 3, max_pixel_value=255.0),
+        ]
+    )
+    batch = [plain(image=read_crop(path))["image"].transpose(2, 0, 1) for path in paths]
     real = torch.from_numpy(np.stack(batch)).to(device)
     fake = gan.G_A(real)
     rows = [to_uint8(t) for t in (real, fake, gan.G_B(fake))]

@@ -11,12 +11,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from hemaflow.data.images import IMAGE_SUFFIXES
+from hemaflow.errors import HemaflowError
 from hemaflow.params import DatasetFormat
+from hemaflow.tables import Box
 
-__all__ = ["IMAGE_SUFFIXES", "Annotation", "ReadResult", "Finding", "list_images", "parse_box", "read_dataset", "safe_image_name"]
+__all__ = [
+    "Annotation",
+    "Finding",
+    "LayoutError",
+    "ReadResult",
+    "list_images",
+    "parse_box",
+    "read_dataset",
+    "safe_image_name",
+]
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
-Box = tuple[float, float, float, float]
+
+class LayoutError(HemaflowError):
+    """A dataset folder is not in the layout its format expects; the message says what was expected and found."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +105,7 @@ def list_images(root: Path) -> list[str]:
 
 
 def read_dataset(fmt: DatasetFormat, root: Path, subset: str | None = None) -> ReadResult:
-    """Read a dataset's annotations in its native layout; raise FileNotFoundError/ValueError on a wrong layout."""
+    """Read a dataset's annotations in its native layout; raise LayoutError (one line) on a wrong layout."""
     from hemaflow.data.formats import bccd, coco, cytologia, folders, segmentation_wbc
 
     readers: dict[DatasetFormat, Callable[..., ReadResult]] = {
@@ -106,7 +119,10 @@ def read_dataset(fmt: DatasetFormat, root: Path, subset: str | None = None) -> R
         DatasetFormat.segmentation_wbc: segmentation_wbc.read,
     }
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: dataset folder not found")
+        raise LayoutError(f"{root}: dataset folder not found")
     if subset is not None and fmt is not DatasetFormat.bccd:
-        raise ValueError(f"{root}: 'subset' (an official split file) applies to the bccd format only")
-    return readers[fmt](root, subset) if fmt is DatasetFormat.bccd else readers[fmt](root)
+        raise LayoutError(f"{root}: 'subset' (an official split file) applies to the bccd format only")
+    try:
+        return readers[fmt](root, subset) if fmt is DatasetFormat.bccd else readers[fmt](root)
+    except (FileNotFoundError, ValueError) as exc:
+        raise LayoutError(str(exc)) from None

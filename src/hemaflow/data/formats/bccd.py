@@ -74,6 +74,10 @@ def read(root: Path, subset: str | None = None) -> ReadResult:
         for box, row in boxes:
             result.annotations.append(Annotation(image, box, label, row))
             if label is None:
-                why = "no label in labels.csv" if not labels else f"labels.csv gives {', '.join(labels)} for {len(boxes)} box(es)"
+                why = (
+                    "no label in labels.csv"
+                    if not labels
+                    else f"labels.csv gives {', '.join(labels)} for {len(boxes)} box(es)"
+                )
                 result.findings.append(Finding(image, row, "unlabelled", "ambiguous_image_label", why))
     return result

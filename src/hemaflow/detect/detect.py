@@ -1,0 +1,79 @@
+"""The ``detect`` stage: boxes on the original fields of every split, as CSV, with metrics.
+
+``<out>/<split>.csv`` (``DETECTION_COLUMNS``, original-image pixels, boxes at or above the score
+threshold) for train and val (the ``crop`` stage cuts training crops around them), test (the
+``evaluate`` stage classifies them) and target. ``metrics`` holds COCO AP, precision, recall,
+mean GIoU and the CytologIA box term per split. When the data holds no smear field the pipeline
+trains no detector; the CSVs are then empty and the metrics say why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from hemaflow._io import write_csv, write_json
+from hemaflow.data.images import MAX_FIELD_PIXELS, load_rgb
+from hemaflow.detect.detector import DetectorEnsemble, NoDetector, score_threshold
+from hemaflow.detect.metrics import detection_metrics
+from hemaflow.params import DetectParams, EvaluateParams, PredictParams
+from hemaflow.tables import BOX, DETECTION_COLUMNS, boxes, read_cells, read_images
+
+__all__ = ["SPLITS", "detect", "detection_rows"]
+
+SPLITS = ("train", "val", "test", "target")
+
+
+def detection_rows(image: str, found: np.ndarray, scores: np.ndarray) -> list[dict]:
+    return [
+        {"image": image, **{k: round(float(v), 2) for k, v in zip(BOX, box, strict=True)}, "score": round(float(s), 4)}
+        for box, s in zip(found, scores, strict=True)
+    ]
+
+
+def detect(
+    *,
+    params: DetectParams,
+    predict: PredictParams,
+    evaluation: EvaluateParams,
+    seed: int,
+    prepared: Path,
+    model: Path,
+    out: Path,
+    metrics: Path,
+) -> None:
+    """Detect on every split's fields; write the CSVs and ``metrics``."""
+    images, cells = read_images(prepared), read_cells(prepared)
+    members = [(model, 1.0), *((Path(m.path), m.weight) for m in predict.extra_detectors)]
+    try:
+        ensemble = DetectorEnsemble.load(
+            members, predict.wbf_iou, params.tile_overlap, predict.batch_size, params.device
+        )
+    except NoDetector as reason:
+        for split in SPLITS:
+            write_csv(out / f"{split}.csv", pd.DataFrame(columns=DETECTION_COLUMNS))
+        write_json(metrics, {"detector": "none", "reason": str(reason)})
+        return
+    threshold = score_threshold(params, ensemble)
+    result: dict = {
+        "detector": type(ensemble.detectors[0].model).__name__,
+        "score_threshold": threshold,
+        "threshold_from": "validation fields" if params.score_threshold == "auto" else "detect.score_threshold",
+    }
+    for split in SPLITS:
+        chosen = images[(images["split"] == split) & (images["field"] != "")]
+        rows, truth, predictions = [], {}, {}
+        for image in tqdm(chosen.itertuples(), total=len(chosen), desc=f"detect {split}", unit="field"):
+            found, scores = ensemble(load_rgb(Path(image.image), MAX_FIELD_PIXELS)[0], image.px_per_um)
+            keep = scores >= threshold
+            rows += detection_rows(image.image, found[keep], scores[keep])
+            predictions[image.image] = (found, scores)
+            truth[image.image] = boxes(cells[cells["image"] == image.image])
+        write_csv(out / f"{split}.csv", pd.DataFrame(rows, columns=DETECTION_COLUMNS))
+        if sum(len(t) for t in truth.values()):
+            scores = detection_metrics(truth, predictions, threshold, evaluation.bootstrap, evaluation.confidence, seed)
+            result[split] = scores | {"fields": len(chosen)}
+    write_json(metrics, result)
