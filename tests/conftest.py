@@ -51,8 +51,17 @@ def merged(base: dict, overlay: dict) -> dict:
 
 
 def params_data(overlay: dict | None = None) -> dict:
-    """The repository's params.yaml as a dict, with ``overlay`` merged in."""
-    return merged(yaml.safe_load((REPO / "params.yaml").read_text()), overlay or {})
+    """The repository's params.yaml as a dict, with ``overlay`` merged in.
+
+    When the overlay's datasets hold no target domain, the adaptation methods that need one go too
+    (only ``none`` is left), as a user without target data would set them.
+    """
+    data = merged(yaml.safe_load((REPO / "params.yaml").read_text()), overlay or {})
+    if not any(d["role"] == "target" for d in data["prepare"]["datasets"]):
+        data["translate"]["methods"] = ["none"]
+        data["translate"]["cyclegan"]["train"] = False
+        data["adapt"] = {"methods": {"none": {"translate": "none"}}, "deploy": "none"}
+    return data
 
 
 def load(overlay: dict | None = None):

@@ -101,9 +101,15 @@ def test_report_before_prepare_says_what_to_run(tmp_path):
     assert "dvc repro prepare" in _one_line_error(runner.invoke(app, ["data", "report", "--prepared", str(tmp_path)]))
 
 
-def test_import_needs_a_scale_when_the_format_has_none(tmp_path):
-    result = runner.invoke(app, ["data", "import", "bccd", str(tmp_path), "--name", "x"])
-    assert "--px-per-um is required" in _one_line_error(result)
+def test_import_of_an_uncalibrated_format_estimates_the_scale(tmp_path):
+    source = shared_dataset("cellavision_blog")
+    result = runner.invoke(
+        app, ["data", "import", "segmentation_wbc", str(source), "--name", "cv", "--raw-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("px_per_um auto: ") and "red cells in 40 images" in result.output
+    entry = yaml.safe_load(result.output.split("params.yaml (role: source, target or test):\n", 1)[1])[0]
+    assert entry["px_per_um"] == "auto"
 
 
 def test_import_rejects_a_wrong_layout(tmp_path):

@@ -13,7 +13,7 @@ from mmengine.structures import InstanceData
 
 from conftest import load
 from hemaflow.detect.config import build_config, model_config
-from hemaflow.detect.detector import fuse_boxes, tile_origins
+from hemaflow.detect.detector import fuse_boxes
 from hemaflow.detect.metrics import detection_metrics
 from hemaflow.detect.train import reset_stale_work_dir
 from hemaflow.metrics import best_giou_matches, cytologia_box_term
@@ -54,12 +54,6 @@ def test_whole_config_is_plain_and_single_class(tmp_path):
     assert config.train_dataloader.dataset.metainfo == {"classes": ("wbc",)}
     assert config.train_dataloader.dataset.filter_cfg.filter_empty_gt is False  # background fields train
     assert "RTMDet" in config.pretty_text and config.resume is True
-
-
-def test_tiles_cover_the_image_with_the_overlap():
-    assert tile_origins(100, 160, 0.5) == [0]
-    starts = tile_origins(640, 160, 0.5)
-    assert starts[0] == 0 and starts[-1] == 480 and all(b - a <= 80 for a, b in zip(starts, starts[1:], strict=False))
 
 
 def test_cytologia_box_term_as_the_challenge_defines_it():

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "write_note_image",
     "atomic_dir",
     "write_bytes",
     "write_csv",
@@ -85,6 +86,15 @@ def _finite(data: object) -> object:
     if isinstance(data, list | tuple):
         return [_finite(v) for v in data]
     return data
+
+
+def write_note_image(path: str | Path, text: str) -> None:
+    """A small image that says why a plot has nothing to show (a declared output must exist)."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (640, 80), "white")
+    ImageDraw.Draw(image).text((12, 30), text, fill="black")
+    write_image(path, image)
 
 
 def write_json(path: str | Path, data: object) -> None:

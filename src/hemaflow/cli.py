@@ -35,7 +35,23 @@ app.add_typer(data_app, name="data")
 app.add_typer(params_app, name="params")
 
 _state = {"debug": False}
-KNOWN_SCALE = {DatasetFormat.acevedo20: 10.0, DatasetFormat.matek19: 13.8}  # px/um, as published
+# px/um as published: Acevedo_20 10 (CellaVision DM96), Matek_19 13.8 and WBC1/WBC2 11.52 (the HIDA
+# challenge's 25 um field of view: 345 and 288 px)
+KNOWN_SCALE = {
+    (DatasetFormat.acevedo20, None): 10.0,
+    (DatasetFormat.matek19, None): 13.8,
+    **{
+        (DatasetFormat.hida, s): v
+        for s, v in (
+            ("Acevedo_20", 10.0),
+            ("Ace_20", 10.0),
+            ("Matek_19", 13.8),
+            ("Mat_19", 13.8),
+            ("WBC1", 11.52),
+            ("WBC2", 11.52),
+        )
+    },
+}
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="The params file to read.")]
 
@@ -384,12 +400,6 @@ def compare_command(
 # ----------------------------------------------------------------------------------------------- tools
 
 
-def _px_per_um(value: float | None, what: str) -> float:
-    if value is None:
-        raise HemaflowError(f"--px-per-um is required for {what}: the pixels per micrometre of the images")
-    return value
-
-
 @app.command("predict")
 def predict_command(
     images: Annotated[list[Path], typer.Argument(help="Smear images of any size, or folders of them.")],
@@ -520,8 +530,12 @@ def data_import(
     px_per_um: Annotated[
         float | None,
         typer.Option(
-            help="Pixels per micrometre; required unless the format publishes it (acevedo20 10, matek19 13.8)."
+            help="Pixels per micrometre. Default: the published scale (acevedo20 10, matek19 13.8), else "
+            "px_per_um: auto, estimated from red-cell diameters (the estimate is printed)."
         ),
+    ] = None,
+    subset: Annotated[
+        str | None, typer.Option(help="The part of the layout to read (a BCCD split, a HIDA dataset, a Raabin set).")
     ] = None,
     raw_dir: Annotated[Path, typer.Option(help="Where raw datasets live (versioned by data.dvc).")] = Path("data/raw"),
 ) -> None:
@@ -536,8 +550,10 @@ def data_import(
     from hemaflow.data.formats import read_dataset
 
     with _user_errors():
-        scale = _px_per_um(px_per_um or KNOWN_SCALE.get(fmt), f"format {fmt.value}, which carries no calibration")
-        result = read_dataset(fmt, src)
+        result = read_dataset(fmt, src, subset)
+        scale = px_per_um or KNOWN_SCALE.get((fmt, subset)) or "auto"
+        if scale == "auto":
+            typer.echo(_scale_line(result, src))
         files = [p for p in sorted(src.rglob("*")) if p.is_file()]
         with atomic_dir(raw_dir / name) as staging:
             for path in tqdm(files, desc=f"import {name}", unit="file"):
@@ -545,12 +561,47 @@ def data_import(
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
         entry = {"name": name, "format": fmt.value, "path": name, "role": "source", "px_per_um": scale}
+        entry |= {"subset": subset} if subset else {}
         typer.echo(
             f"{name}: {len(result.annotations)} cells, {len(result.background_images)} background images, "
             f"{sum(f.action == 'rejected' for f in result.findings)} rows rejected so far -> {raw_dir / name}\n"
             "Add to prepare.datasets in params.yaml (role: source, target or test):\n"
             + yaml.safe_dump([entry], sort_keys=False)
         )
+
+
+def _scale_line(result, root: Path) -> str:
+    from hemaflow.data.calibrate import estimate_px_per_um
+
+    names = sorted({a.image for a in result.annotations} | set(result.background_images))
+    try:
+        estimate = estimate_px_per_um([root / n for n in names])
+    except ValueError as exc:
+        raise HemaflowError(f"{root}: px_per_um auto: {exc}; pass --px-per-um") from None
+    low, high = estimate.spread
+    return (
+        f"px_per_um auto: {estimate.px_per_um:.3f} (interquartile {low:.3f}-{high:.3f}) from "
+        f"{estimate.red_cells} red cells in {estimate.images} images ({estimate.method})"
+    )
+
+
+@data_app.command("scale")
+def data_scale(
+    fmt: Annotated[DatasetFormat, typer.Argument(metavar="FORMAT", help="Native layout of SRC.")],
+    src: Annotated[Path, typer.Argument(help="The dataset folder, in its native layout.")],
+    subset: Annotated[
+        str | None, typer.Option(help="The part of the layout to read (a BCCD split, a HIDA dataset, a Raabin set).")
+    ] = None,
+) -> None:
+    """Estimate a dataset's pixels per micrometre from its red cells (what px_per_um: auto uses).
+
+    Red cells on a dried, stained film measure about 7.5 um across; their diameter in pixels over
+    7.5 gives the scale. Prints the estimate, its interquartile spread and how many cells it rests on.
+    """
+    from hemaflow.data.formats import read_dataset
+
+    with _user_errors():
+        typer.echo(_scale_line(read_dataset(fmt, src, subset), src))
 
 
 @params_app.command("check")

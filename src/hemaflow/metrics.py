@@ -30,6 +30,7 @@ __all__ = [
     "expected_calibration_error",
     "greedy_matches",
     "label_scores",
+    "pairwise_iou",
 ]
 
 Boxes = np.ndarray  # (N, 4) float
@@ -67,6 +68,11 @@ def _pairwise(fn, truth: Boxes, predicted: Boxes) -> np.ndarray:
     if len(truth) == 0 or len(predicted) == 0:
         return np.zeros((len(truth), len(predicted)))
     return fn(torch.tensor(np.asarray(truth, np.float64)), torch.tensor(np.asarray(predicted, np.float64))).numpy()
+
+
+def pairwise_iou(first: Boxes, second: Boxes) -> np.ndarray:
+    """IoU of every box of ``first`` with every box of ``second`` (len(first) x len(second))."""
+    return _pairwise(box_iou, first, second)
 
 
 def best_giou_matches(truth: Boxes, predicted: Boxes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

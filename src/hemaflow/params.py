@@ -109,7 +109,10 @@ class DatasetFormat(str, Enum):
     cytologia = "cytologia"  # images/ + CSV NAME,x1,y1,x2,y2,class
     bccd = "bccd"  # Pascal VOC: JPEGImages/, Annotations/, ImageSets/Main/, labels.csv
     coco = "coco"  # annotations json + images
-    segmentation_wbc = "segmentation_wbc"  # NNN.bmp + NNN.png mask + labels.csv
+    segmentation_wbc = "segmentation_wbc"  # NNN.bmp + NNN.png mask + labels CSV (both datasets of the repository)
+    hida = "hida"  # Help a hematologist out: Datasets/{Acevedo_20,Matek_19,WBC1,WBC2} (subset picks one)
+    raabin = "raabin"  # Raabin-WBC cropped cells: {Train,TestA,TestB}/<Class>/*.jpg
+    lisc = "lisc"  # LISC: 720x576 fields in class folders + Ground Truth masks
 
 
 class DatasetParams(_Section):
@@ -123,8 +126,8 @@ class DatasetParams(_Section):
     """Folder, relative to ``prepare.root``."""
     role: Role
     """source (labelled training data), target (unlabelled, adaptation only) or test (labelled, evaluation only)."""
-    px_per_um: PositiveFloat
-    """Physical scale in pixels per micrometre (Acevedo_20 10, Matek_19 13.8, WBC1 11.52)."""
+    px_per_um: PositiveFloat | Literal["auto"]
+    """Physical scale in pixels per micrometre (Acevedo_20 10, Matek_19 13.8, WBC1 11.52); auto: estimated from red-cell diameters (recorded in metrics/data.json)."""
     domain: str | None = None
     """Stain domain (laboratory, scanner); several datasets may share one. Default: the dataset name."""
     label_map: dict[str, str | None] = Field(default_factory=dict)
@@ -172,6 +175,8 @@ class PrepareParams(_Section):
     fields: FieldParams
     box_tolerance_px: Annotated[float, Field(ge=0)]
     """Boxes reaching this far outside their image are clipped; further ones are rejected."""
+    duplicate_iou: Fraction
+    """Two boxes of one image overlapping more than this are reported as one cell annotated twice."""
     max_pixels: PositiveInt
     """Larger images are rejected from their header, before decoding."""
     workers: NonNegativeInt
@@ -253,6 +258,8 @@ class CycleGanParams(_Section):
     """The CycleGAN translator (stage ``train_translator``). The reference recipe
     (junyanz/pytorch-CycleGAN-and-pix2pix) is in profiles/gpu.yaml; params.yaml sizes it down for the CPU."""
 
+    train: bool
+    """Train it: needed by every adaptation method with translate: cyclegan; false skips the training (and its minutes)."""
     img_size: Annotated[int, Field(ge=16, multiple_of=4)]
     """Crops are resized to it for translation."""
     ngf: PositiveInt
@@ -434,9 +441,20 @@ class Params(_Section):
     def _consistent(self) -> Params:
         if self.classify.folds > self.prepare.folds:
             raise ValueError(f"classify.folds={self.classify.folds} exceeds prepare.folds={self.prepare.folds}")
+        has_target = any(d.role is Role.target for d in self.prepare.datasets)
         for name, recipe in self.adapt.methods.items():
             if recipe.translate is not Translation.cyclegan and recipe.translate not in self.translate.methods:
                 raise ValueError(f"adapt.methods.{name}.translate={recipe.translate.value} is not in translate.methods")
+            if recipe.translate is Translation.cyclegan and not self.translate.cyclegan.train:
+                raise ValueError(f"adapt.methods.{name} translates with cyclegan: set translate.cyclegan.train: true")
+        needs_target = [t.value for t in self.translate.methods if t is not Translation.none]
+        if self.translate.cyclegan.train:
+            needs_target.append("cyclegan")
+        if needs_target and not has_target:
+            raise ValueError(
+                f"translate: {', '.join(needs_target)} adapt(s) to a target domain, but no dataset has role: target "
+                "(give one, or set translate.methods: [none] and translate.cyclegan.train: false)"
+            )
         return self
 
 

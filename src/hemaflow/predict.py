@@ -29,10 +29,11 @@ from hemaflow.detect.detector import DetectorEnsemble, score_threshold
 from hemaflow.errors import HemaflowError
 from hemaflow.params import Params
 from hemaflow.runtime import select_device
+from hemaflow.tables import BOX
 
 __all__ = ["SUBMISSION_COLUMNS", "CellPipeline", "Prediction", "image_names", "predict_images"]
 
-SUBMISSION_COLUMNS = ["NAME", "x1", "y1", "x2", "y2", "class", "box_score", "class_confidence", "review", "path"]
+SUBMISSION_COLUMNS = ["NAME", *BOX, "class", "box_score", "class_confidence", "review", "path"]
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from hemaflow._io import atomic_dir, write_csv
 from hemaflow.params import DemoDataParams
+from hemaflow.tables import BOX
 
 __all__ = ["CLASSES", "DOMAINS", "StainDomain", "demo_data", "render_cell_image"]
 
@@ -131,6 +132,7 @@ DOMAINS = {
 SOURCE_DOMAINS = ("acevedo", "matek")
 TARGET_DOMAIN = "wbc1"
 FIELD_UM = (40.0, 30.0)  # smear field width, height in micrometres
+RED_CELL_RADIUS_UM = 3.75  # healthy adult red cells on films: about 7.5 um across (Bain, Blood Cells)
 
 
 @dataclass(frozen=True)
@@ -253,17 +255,17 @@ def _render_wbc(
 def _red_cells(canvas: np.ndarray, ppu: float, rng: np.random.Generator, density: float) -> None:
     height, width = canvas.shape[:2]
     area_um2 = width * height / ppu**2
-    count = rng.poisson(density * area_um2 / (np.pi * 3.7**2))
+    count = rng.poisson(density * area_um2 / (np.pi * RED_CELL_RADIUS_UM**2))
     for _ in range(count):
         cx, cy = rng.uniform(-3, width / ppu + 3), rng.uniform(-3, height / ppu + 3)
-        radius = 3.7 * rng.uniform(0.9, 1.1)
+        radius = RED_CELL_RADIUS_UM * rng.uniform(0.93, 1.07)
         x0, x1 = max(int((cx - radius - 1) * ppu), 0), min(int((cx + radius + 1) * ppu) + 1, width)
         y0, y1 = max(int((cy - radius - 1) * ppu), 0), min(int((cy + radius + 1) * ppu) + 1, height)
         if x0 >= x1 or y0 >= y1:
             continue
         ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64)
         xs, ys = (xs + 0.5) / ppu - cx, (ys + 0.5) / ppu - cy
-        disc = _Blob(0, 0, radius, radius * rng.uniform(0.9, 1.0), rng.random() * np.pi).coverage(xs, ys, ppu)
+        disc = _Blob(0, 0, radius, radius * rng.uniform(0.96, 1.0), rng.random() * np.pi).coverage(xs, ys, ppu)
         pallor = _Blob(0, 0, radius * 0.45, radius * 0.45).coverage(xs, ys, ppu)
         patch = canvas[y0:y1, x0:x1]
         _paint(patch, disc * 0.85, RBC)
@@ -414,7 +416,7 @@ def demo_data(*, params: DemoDataParams, seed: int, out: Path) -> None:
             if job[0] == "field":
                 field_rows[job[1]] += rows
         for name, rows in field_rows.items():
-            frame = pd.DataFrame(rows, columns=["NAME", "x1", "y1", "x2", "y2", "class"])
+            frame = pd.DataFrame(rows, columns=["NAME", *BOX, "class"])
             write_csv(staging / f"{name}_fields" / "labels.csv", frame)
 
 

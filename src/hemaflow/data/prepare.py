@@ -15,6 +15,7 @@ Outputs (under ``out``, replaced atomically):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 from collections import defaultdict
@@ -29,7 +30,9 @@ from tqdm import tqdm
 
 from hemaflow._io import atomic_dir, write_csv
 from hemaflow.data.backgrounds import erase_cells
+from hemaflow.data.calibrate import estimate_px_per_um
 from hemaflow.data.classes import ClassMatrix, load_class_matrix
+from hemaflow.data.duplicates import drop_duplicate_rows, near_duplicate_boxes, same_bytes
 from hemaflow.data.folds import assign_folds
 from hemaflow.data.formats import Annotation, Finding, LayoutError, read_dataset
 from hemaflow.data.images import ImageRejected, load_rgb
@@ -70,10 +73,35 @@ def _fine_class(dataset: DatasetParams, vocabulary: dict[str, str | None], label
     return False, None
 
 
-def _collect_jobs(params: PrepareParams, matrix: ClassMatrix) -> tuple[list[_ImageJob], list[Finding]]:
+def _estimated(dataset: DatasetParams, images: list[Path], seed: int) -> tuple[DatasetParams, dict, Finding]:
+    """``px_per_um: auto`` resolved from the red cells of the dataset's images."""
+    try:
+        estimate = estimate_px_per_um(images, seed=seed)
+    except ValueError as exc:
+        raise HemaflowError(f"dataset {dataset.name!r}: px_per_um auto: {exc}; give its px_per_um instead") from None
+    low, high = estimate.spread
+    record = {
+        "px_per_um": estimate.px_per_um,
+        "spread": [low, high],
+        "red_cells": estimate.red_cells,
+        "images": estimate.images,
+        "method": estimate.method,
+    }
+    detail = (
+        f"{estimate.px_per_um:.3f} px/um (interquartile {low:.3f}-{high:.3f}) from {estimate.red_cells} red cells "
+        f"in {estimate.images} images: {estimate.method}"
+    )
+    finding = Finding(dataset.name, "px_per_um", "estimated", "px_per_um_auto", detail)
+    return dataset.model_copy(update={"px_per_um": estimate.px_per_um}), record, finding
+
+
+def _collect_jobs(
+    params: PrepareParams, matrix: ClassMatrix, seed: int
+) -> tuple[list[_ImageJob], list[Finding], dict[str, dict]]:
     root = Path(params.root)
     jobs: list[_ImageJob] = []
     findings: list[Finding] = []
+    scales: dict[str, dict] = {}
     unknown: dict[tuple[str, str], list[str]] = defaultdict(list)
     for dataset in params.datasets:
         for label, fine in dataset.label_map.items():
@@ -86,17 +114,24 @@ def _collect_jobs(params: PrepareParams, matrix: ClassMatrix) -> tuple[list[_Ima
             result = read_dataset(dataset.format, root / dataset.path, dataset.subset)
         except LayoutError as exc:
             raise LayoutError(f"dataset {dataset.name!r} ({dataset.format.value}): {exc}") from None
+        annotations, repeats = drop_duplicate_rows(result.annotations)
+        result.findings += repeats + near_duplicate_boxes(annotations, params.duplicate_iou)
         vocabulary = matrix.vocabulary(result.vocabulary) if result.vocabulary else {}
         findings += [_prefixed(f, dataset) for f in result.findings]
         by_image: dict[str, list[_Cell]] = defaultdict(list)
-        for ann in result.annotations:
+        for ann in annotations:
             by_image.setdefault(ann.image, [])
             cell = _map_label(ann, dataset, vocabulary, unknown, findings)
             if cell is not None:
                 by_image[ann.image].append(cell)
         for name in result.background_images:
             by_image.setdefault(name, [])
-        is_field = any(a.box is not None for a in result.annotations) or bool(result.background_images)
+        is_field = any(a.box is not None for a in annotations) or bool(result.background_images)
+        if dataset.px_per_um == "auto":
+            dataset, scales[dataset.name], finding = _estimated(
+                dataset, [root / dataset.path / n for n in sorted(by_image)], seed
+            )
+            findings.append(finding)
         for index, name in enumerate(sorted(by_image)):
             image = (Path(params.root) / dataset.path / name).as_posix()
             jobs.append(
@@ -112,7 +147,7 @@ def _collect_jobs(params: PrepareParams, matrix: ClassMatrix) -> tuple[list[_Ima
             "(a fine class, or null to drop) or in src/hemaflow/data/classes.yaml. "
             f"Known fine classes: {', '.join(matrix.fine_classes)}"
         )
-    return jobs, findings
+    return jobs, findings, scales
 
 
 def _prefixed(finding: Finding, dataset: DatasetParams) -> Finding:
@@ -148,7 +183,10 @@ def _field_name(job: _ImageJob) -> str:
 
 
 def _process(job: _ImageJob, params: PrepareParams, out: Path) -> tuple[dict | None, list[dict], list[Finding]]:
-    """Decode, repair, validate boxes, write crops (and the rescaled field) for one image."""
+    """Decode, repair, validate boxes, write crops (and the rescaled field) for one image.
+
+    The image row carries the file's sha256, so that the same bytes under two names are found.
+    """
     where = f"{job.dataset.name}/{job.name}"
     findings: list[Finding] = []
     try:
@@ -181,7 +219,12 @@ def _process(job: _ImageJob, params: PrepareParams, out: Path) -> tuple[dict | N
                 Finding(where, cell.row, "converted", "large_cell", "field of view enlarged to fit the box")
             )
         cells.append({"cell_id": cell_id, "box": box, "cell": cell})
-    image_row = {"width": width, "height": height, "field": ""}
+    image_row = {
+        "width": width,
+        "height": height,
+        "field": "",
+        "sha256": hashlib.sha256(job.path.read_bytes()).hexdigest(),
+    }
     if job.is_field and len(cells) < len(job.cells):
         # A field with an unusable box would teach the detector that a cell is background.
         detail = "field kept out of the detector's data: it holds a cell whose box was rejected"
@@ -272,7 +315,8 @@ def _derive_backgrounds(
 def prepare(*, params: PrepareParams, seed: int, out: Path, metrics: Path, plots: Path) -> None:
     """Build the unified dataset from the datasets listed in ``params`` (see the module docstring)."""
     matrix = load_class_matrix()
-    jobs, findings = _collect_jobs(params, matrix)
+    jobs, findings, scales = _collect_jobs(params, matrix, seed)
+    resolved = {job.dataset.name: job.dataset for job in jobs}
     image_rows, cell_rows = [], []
     with atomic_dir(out) as staging:
         for job, (image_row, cells, image_findings) in zip(jobs, _run(jobs, params, staging), strict=True):
@@ -329,7 +373,8 @@ def prepare(*, params: PrepareParams, seed: int, out: Path, metrics: Path, plots
         cells = cells.merge(images[["image", "fold", "split"]], on="image", how="left")[CELL_COLUMNS]
         write_cells(staging, cells)
         write_csv(staging / "images.csv", images)
-        factor_of = {d.name: params.fields.px_per_um / d.px_per_um for d in params.datasets}
+        findings += same_bytes(images[["image", "role", "sha256"]].itertuples(index=False))
+        factor_of = {name: params.fields.px_per_um / d.px_per_um for name, d in resolved.items()}
         fields = images[images["field"] != ""]
         field_cells = cells[cells["image"].isin(fields["image"])]
         train_fields = fields[fields["split"] == "train"]
@@ -346,4 +391,4 @@ def prepare(*, params: PrepareParams, seed: int, out: Path, metrics: Path, plots
                 chosen = pd.concat([chosen, derived], ignore_index=True)
             coco = _coco(chosen, field_cells[field_cells["image"].isin(chosen["image"])], factor_of)
             (staging / "coco" / f"{split}.json").write_text(json.dumps(coco))
-    write_data_metrics(cells, images, findings_frame, matrix, metrics, plots)
+    write_data_metrics(cells, images, findings_frame, matrix, scales, metrics, plots)

@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 
 from hemaflow._io import write_csv, write_figure, write_json
 from hemaflow.data.classes import ClassMatrix
+from hemaflow.tables import read_cells
 
 __all__ = ["format_report", "missing_classes", "write_data_metrics"]
 
@@ -34,6 +35,7 @@ def write_data_metrics(
     images: pd.DataFrame,
     findings: pd.DataFrame,
     matrix: ClassMatrix,
+    scales: dict[str, dict],
     metrics: Path,
     plots: Path,
 ) -> None:
@@ -60,6 +62,11 @@ def write_data_metrics(
             "rejected": int((findings["action"] == "rejected").sum()),
             "counts": _counts(cells),
             "missing_classes": {domain: len(classes) for domain, classes in gaps.items()},
+            "duplicates": {
+                reason: int((findings["reason"] == reason).sum())
+                for reason in ("duplicate_row", "duplicate_image", "near_duplicate_box")
+            },
+            "estimated_scale": scales,
         },
     )
     labelled = cells[cells["fine_class"].fillna("") != ""]
@@ -95,7 +102,7 @@ def _heatmap(labelled: pd.DataFrame, matrix: ClassMatrix, path: Path) -> None:
 
 def format_report(prepared: Path, limit: int = 50) -> str:
     """A human-readable summary of a prepared folder: counts, gaps and every finding (up to limit)."""
-    cells = pd.read_csv(prepared / "cells.csv", keep_default_na=False)
+    cells = read_cells(prepared)
     findings = pd.read_csv(prepared / "findings.csv", keep_default_na=False)
     lines = ["Cells per fine class x domain x split", ""]
     labelled = cells.assign(fine_class=cells["fine_class"].replace("", "(unlabelled)"))
@@ -109,7 +116,16 @@ def format_report(prepared: Path, limit: int = 50) -> str:
     lines += ["", f"Findings: {len(findings)} (all in {prepared / 'findings.csv'})"]
     if not findings.empty:
         lines.append(findings.groupby(["action", "reason"]).size().rename("rows").to_string())
-        order = {"rejected": 0, "repaired": 1, "clipped": 2, "unlabelled": 3, "converted": 4, "derived": 5}
+        order = {
+            "rejected": 0,
+            "flagged": 1,
+            "estimated": 2,
+            "repaired": 3,
+            "clipped": 4,
+            "unlabelled": 5,
+            "converted": 6,
+            "derived": 7,
+        }
         ranked = findings.assign(rank=findings["action"].map(order)).sort_values("rank", kind="stable")
         lines.append("")
         lines += [

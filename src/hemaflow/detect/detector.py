@@ -36,6 +36,8 @@ warnings.filterwarnings("ignore", message=r"`torch\.cuda\.amp\.autocast", catego
 __all__ = ["CARD", "Detector", "DetectorEnsemble", "NoDetector", "fuse_boxes", "score_threshold", "tile_origins"]
 
 CARD = "detector.json"  # the model card beside best.safetensors
+PAD_VALUE = 114  # what mmdet's Pad fills with in training and inference: the network knows it as background
+EDGE_PX = 2.0  # a box this close to a tile edge touches it
 
 
 class NoDetector(HemaflowError):
@@ -108,7 +110,7 @@ class Detector:
         steps = [
             {"type": "mmdet.LoadImageFromNDArray"},
             {"type": "Resize", "scale": (card["input_px"], card["input_px"]), "keep_ratio": True},
-            {"type": "Pad", "size": (card["input_px"], card["input_px"]), "pad_val": {"img": (114, 114, 114)}},
+            {"type": "Pad", "size": (card["input_px"], card["input_px"]), "pad_val": {"img": (PAD_VALUE,) * 3}},
             {"type": "PackDetInputs", "meta_keys": ("img_id", "ori_shape", "img_shape", "scale_factor")},
         ]
         threshold = card.get("score_threshold", 0.0)
@@ -125,18 +127,34 @@ class Detector:
         results = self.model.test_step(data)
         return [(r.pred_instances.bboxes.cpu().numpy(), r.pred_instances.scores.cpu().numpy()) for r in results]
 
-    def _whole(self, boxes: np.ndarray, x: int, y: int, width: int, height: int, margin: float = 2.0) -> np.ndarray:
-        """Which boxes of the tile at (x, y) do not touch an edge shared with another tile.
+    def _tiled(self, scaled: np.ndarray, overlap: float, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes of an image larger than one network input, in its pixels.
 
-        Tiles overlap by more than a cell, so every cell lies whole inside some tile: a box cut by
-        an inner tile edge is a partial view of a cell that another tile sees whole.
+        The image is laid on a canvas padded on every side with the training pad value, by half the
+        tile overlap, and the canvas is tiled. So every tile edge, the image's own edges included,
+        has a neighbouring tile that sees past it, and a box touching any tile edge is a partial
+        view (or the network's answer to the cut itself) that is dropped: each cell is whole in some
+        tile, a cell cut by the image border included. Dropping edge boxes only at inner tile edges
+        kept every spurious box the network puts at a tile's edge in the first row and column, piled
+        up along the image's left and top borders.
         """
-        side = self.input_px
-        cut_left = (boxes[:, 0] <= margin) & (x > 0)
-        cut_top = (boxes[:, 1] <= margin) & (y > 0)
-        cut_right = (boxes[:, 2] >= side - margin) & (x + side < width)
-        cut_bottom = (boxes[:, 3] >= side - margin) & (y + side < height)
-        return ~(cut_left | cut_top | cut_right | cut_bottom)
+        side, margin = self.input_px, max(round(self.input_px * overlap / 2), 2)
+        canvas = np.pad(scaled, ((margin, margin), (margin, margin), (0, 0)), constant_values=PAD_VALUE)
+        height, width = canvas.shape[:2]
+        tiles = [(x, y) for y in tile_origins(height, side, overlap) for x in tile_origins(width, side, overlap)]
+        crops = [canvas[y : y + side, x : x + side] for x, y in tiles]
+        found = []
+        for start in range(0, len(crops), batch_size):
+            found += self.run_batch(crops[start : start + batch_size])
+        boxes, scores = [], []
+        for (tile_boxes, tile_scores), (x, y) in zip(found, tiles, strict=True):
+            inside = (tile_boxes[:, :2] > EDGE_PX).all(1) & (tile_boxes[:, 2:] < side - EDGE_PX).all(1)
+            boxes.append(tile_boxes[inside] + np.array([x, y, x, y]) - margin)
+            scores.append(tile_scores[inside])
+        all_boxes, all_scores = np.concatenate(boxes), np.concatenate(scores)
+        all_boxes = np.clip(all_boxes, 0, [scaled.shape[1], scaled.shape[0]] * 2)
+        # One list, not one "model" per tile: WBF would divide each score by the tile count.
+        return fuse_boxes([(all_boxes, all_scores)], [1.0], scaled.shape[1], scaled.shape[0], 0.55, conf_type="max")
 
     def __call__(
         self, image: np.ndarray, px_per_um: float, overlap: float, batch_size: int
@@ -145,26 +163,10 @@ class Detector:
         for one RGB image of any size, every score (threshold with ``score_threshold``)."""
         factor = self.px_per_um / px_per_um
         scaled = rescale(image, factor)
-        height, width = scaled.shape[:2]
-        tiles = [
-            (x, y)
-            for y in tile_origins(height, self.input_px, overlap)
-            for x in tile_origins(width, self.input_px, overlap)
-        ]
-        crops = [scaled[y : y + self.input_px, x : x + self.input_px] for x, y in tiles]
-        found = []
-        for start in range(0, len(crops), batch_size):
-            found += self.run_batch(crops[start : start + batch_size])
-        if len(tiles) == 1:
-            boxes, scores = found[0]
+        if max(scaled.shape[:2]) <= self.input_px:  # one network input, padded right and bottom as in training
+            boxes, scores = self.run_batch([scaled])[0]
         else:
-            whole = [self._whole(b, x, y, width, height) for (b, _), (x, y) in zip(found, tiles, strict=True)]
-            shifted = np.concatenate(
-                [b[k] + np.array([x, y, x, y]) for (b, _), k, (x, y) in zip(found, whole, tiles, strict=True)]
-            )
-            kept = np.concatenate([s[k] for (_, s), k in zip(found, whole, strict=True)])
-            # One list, not one "model" per tile: WBF would divide each score by the tile count.
-            boxes, scores = fuse_boxes([(shifted, kept)], [1.0], width, height, 0.55, conf_type="max")
+            boxes, scores = self._tiled(scaled, overlap, batch_size)
         boxes = np.clip(np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / factor, 0, [*image.shape[1::-1]] * 2)
         # a box under one pixel is no cell, and rounding in the CSVs would turn it into an empty one
         real = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)

@@ -21,7 +21,7 @@ from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from hemaflow._io import write_csv, write_figure
+from hemaflow._io import write_csv, write_figure, write_note_image
 from hemaflow.tables import read_cells, read_crops, source_and_target
 
 __all__ = ["FeatureNet", "domain_map", "kernel_distance", "mean_ssim"]
@@ -95,6 +95,10 @@ def domain_map(
     """
     import umap  # numba compiles on first use (about 18 s): only this stage pays for it
 
+    if read_cells(prepared)["role"].ne("target").all():
+        write_csv(csv, pd.DataFrame(columns=["x", "y", "group"]))
+        write_note_image(png, "no target domain in the data: no map of the domains to draw")
+        return
     source, target = source_and_target(prepared)
     net = FeatureNet()
     features = {"source": net.embed(read_crops(prepared, source)), "target": net.embed(read_crops(prepared, target))}

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
-from hemaflow._io import atomic_dir, write_csv, write_json, write_tensors
+from hemaflow._io import atomic_dir, write_csv, write_json, write_note_image, write_tensors
 from hemaflow.errors import HemaflowError
 from hemaflow.params import CycleGanParams
 from hemaflow.resume import TrainingState, file_digest, fingerprint
@@ -165,7 +165,19 @@ def train_translator(
     plots: Path,
     state: Path,
 ) -> None:
-    """Train CycleGAN on prepared crops; write ``out`` (generators), ``metrics`` and ``plots``."""
+    """Train CycleGAN on prepared crops; write ``out`` (generators), ``metrics`` and ``plots``.
+
+    With ``params.train`` false (no adaptation method translates with CycleGAN) nothing is trained:
+    the card says so, and the metrics and plots record why.
+    """
+    if not params.train:
+        reason = "translate.cyclegan.train is false: no adaptation method translates with CycleGAN"
+        with atomic_dir(out) as staging:
+            write_json(staging / "translator.json", {"status": "none", "reason": reason})
+        write_json(metrics, {"status": "none", "reason": reason})
+        write_csv(plots / "losses.csv", pd.DataFrame(columns=["epoch", "lr", *(f"loss_{n}" for n in LOSSES)]))
+        write_note_image(plots / "samples.png", f"no translator trained: {reason}")
+        return
     source, target = source_and_target(prepared)
     device = select_device(params.device, "translate.cyclegan.device")
     cuda = device.type == "cuda"

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from hemaflow._io import atomic_dir, write_image, write_json
+from hemaflow._io import atomic_dir, write_image, write_json, write_note_image
 from hemaflow.data.images import ImageRejected, expand_images, load_rgb
 from hemaflow.data.scale import crop_cell
 from hemaflow.errors import HemaflowError
@@ -32,7 +32,12 @@ from hemaflow.translate.domain import FeatureNet, kernel_distance, mean_ssim
 from hemaflow.translate.images import from_uint8, sample_grid, to_uint8
 from hemaflow.translate.normalizers import fit_normalizer
 
-__all__ = ["load_translator", "translate", "translate_images"]
+__all__ = ["NoTranslator", "load_translator", "translate", "translate_images"]
+
+
+class NoTranslator(HemaflowError):
+    """The pipeline trained no CycleGAN (translate.cyclegan.train is false)."""
+
 
 Translator = Callable[[list[np.ndarray]], list[np.ndarray | None]]  # None: this image could not be translated
 BATCH = 64
@@ -44,6 +49,8 @@ def load_translator(model_dir: Path, direction: str = "to_target", device: str =
     if not card_path.exists():
         raise HemaflowError(f"{model_dir}: no translator.json (run `dvc repro train_translator`)")
     card = json.loads(card_path.read_text())
+    if card.get("status") == "none":
+        raise NoTranslator(f"{model_dir}: no translator was trained ({card['reason']})")
     generator = ResnetGenerator(card["ngf"], card["n_blocks"], card["upsample"])
     generator.load_state_dict(load_file(model_dir / f"{direction}.safetensors"))
     target = select_device(device, "translate.cyclegan.device")
@@ -86,6 +93,15 @@ def translate(
 ) -> None:
     """Write every training cell of ``crops`` translated by ``method`` (target cells from ``prepared``), with metrics and plots."""
     source = read_cells(crops, "crop")
+    if method is Translation.cyclegan and translator is not None:
+        try:
+            load_translator(translator)
+        except NoTranslator as reason:  # no method uses it: an empty translation that says why
+            with atomic_dir(out) as staging:
+                write_cells(staging, source.iloc[:0].assign(translation=method.value))
+            write_json(metrics, {"translation": method.value, "status": "none", "reason": str(reason)})
+            write_note_image(plots / "samples.png", f"no CycleGAN translation: {reason}")
+            return
     _, target = source_and_target(prepared)
     rng = np.random.default_rng(seed)
     target_images = read_crops(prepared, target)

@@ -2,14 +2,22 @@
 
 A reader parses a dataset's own annotation files (folders, CSV, VOC XML, COCO json) into
 :class:`Annotation` rows and :class:`Finding` rows; it never decodes images (``prepare`` does,
-in parallel). Every row a reader cannot use becomes a rejected finding with the file, row and reason.
+in parallel). Every row a reader cannot use becomes a rejected finding with the file, row and
+reason; a layout it does not understand is one ``LayoutError`` line that says what it expected
+and what it found. CSV files go through ``read_table``: any header spelling (case, spaces,
+underscores), a byte-order mark, commas or semicolons, extra columns ignored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import csv
+import io
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+import pandas as pd
 
 from hemaflow.data.images import IMAGE_SUFFIXES
 from hemaflow.errors import HemaflowError
@@ -24,6 +32,7 @@ __all__ = [
     "list_images",
     "parse_box",
     "read_dataset",
+    "read_table",
     "safe_image_name",
 ]
 
@@ -48,7 +57,7 @@ class Finding:
 
     file: str
     row: str
-    action: str  # rejected | repaired | clipped | converted | unlabelled | derived
+    action: str  # rejected | flagged | estimated | repaired | clipped | converted | unlabelled | derived
     reason: str  # short code, counted in metrics/data.json
     detail: str
 
@@ -104,25 +113,77 @@ def list_images(root: Path) -> list[str]:
     )
 
 
+def _key(header: str) -> str:
+    return re.sub(r"[\s_\-]+", "", header.strip().lower())
+
+
+def read_table(path: Path, columns: Mapping[str, tuple[str, ...]]) -> pd.DataFrame:
+    """A CSV with the wanted ``columns`` (canonical name -> accepted spellings), values as stripped strings.
+
+    Accepts a byte-order mark, comma, semicolon or tab separators, any case and spacing of the
+    headers, extra columns. LayoutError for an empty file or a missing column, naming both sides.
+    """
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    wanted = ", ".join(spellings[0] for spellings in columns.values())
+    if not text.strip():
+        raise LayoutError(f"{path}: empty file; expected a header with {wanted}")
+    try:
+        separator = csv.Sniffer().sniff(text.splitlines()[0], delimiters=",;\t").delimiter
+    except csv.Error:
+        separator = ","
+    frame = pd.read_csv(io.StringIO(text), sep=separator, dtype=str, keep_default_na=False)
+    found = {_key(c): c for c in frame.columns}
+    chosen, missing = {}, []
+    for name, spellings in columns.items():
+        match = next((found[_key(s)] for s in spellings if _key(s) in found), None)
+        if match is None:
+            missing.append(spellings[0])
+        else:
+            chosen[match] = name
+    if missing:
+        raise LayoutError(
+            f"{path}: missing column(s) {', '.join(missing)}; expected {wanted}, found "
+            f"{', '.join(str(c) for c in frame.columns) or 'no header'}"
+        )
+    return frame[list(chosen)].rename(columns=chosen).apply(lambda column: column.str.strip())
+
+
+# The parts of a layout that ``subset`` may name, per format (None: the format has none).
+SUBSETS: dict[DatasetFormat, str] = {
+    DatasetFormat.bccd: "an official split: ImageSets/Main/<subset>.txt (train, val, test, trainval)",
+    DatasetFormat.hida: "one of the challenge's datasets: Acevedo_20, Matek_19, WBC1, WBC2",
+    DatasetFormat.raabin: "one of the released sets: Train, TestA, TestB",
+    DatasetFormat.segmentation_wbc: "Dataset 1 or Dataset 2 of the repository's layout",
+}
+
+
 def read_dataset(fmt: DatasetFormat, root: Path, subset: str | None = None) -> ReadResult:
     """Read a dataset's annotations in its native layout; raise LayoutError (one line) on a wrong layout."""
-    from hemaflow.data.formats import bccd, coco, cytologia, folders, segmentation_wbc
+    from hemaflow.data.formats import bccd, coco, cytologia, folders, lisc, segmentation_wbc
 
-    readers: dict[DatasetFormat, Callable[..., ReadResult]] = {
+    readers: dict[DatasetFormat, Callable[[Path, str | None], ReadResult]] = {
         DatasetFormat.acevedo20: folders.read_acevedo20,
         DatasetFormat.matek19: folders.read_matek19,
         DatasetFormat.hematologist: folders.read_hematologist,
+        DatasetFormat.hida: folders.read_hida,
+        DatasetFormat.raabin: folders.read_raabin,
         DatasetFormat.unlabelled: folders.read_unlabelled,
         DatasetFormat.cytologia: cytologia.read,
         DatasetFormat.bccd: bccd.read,
         DatasetFormat.coco: coco.read,
         DatasetFormat.segmentation_wbc: segmentation_wbc.read,
+        DatasetFormat.lisc: lisc.read,
     }
     if not root.is_dir():
         raise LayoutError(f"{root}: dataset folder not found")
-    if subset is not None and fmt is not DatasetFormat.bccd:
-        raise LayoutError(f"{root}: 'subset' (an official split file) applies to the bccd format only")
+    if subset is not None and fmt not in SUBSETS:
+        allowed = "; ".join(f"{f.value}: {what}" for f, what in SUBSETS.items())
+        raise LayoutError(f"{root}: format {fmt.value} has no subsets ('subset' applies to {allowed})")
     try:
-        return readers[fmt](root, subset) if fmt is DatasetFormat.bccd else readers[fmt](root)
+        return readers[fmt](root, subset)
     except (FileNotFoundError, ValueError) as exc:
         raise LayoutError(str(exc)) from None

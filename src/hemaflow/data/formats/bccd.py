@@ -11,9 +11,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import pandas as pd
-
-from hemaflow.data.formats import Annotation, Finding, ReadResult, parse_box, safe_image_name
+from hemaflow.data.formats import Annotation, Finding, ReadResult, parse_box, read_table, safe_image_name
 
 __all__ = ["read"]
 
@@ -21,13 +19,11 @@ __all__ = ["read"]
 def _image_labels(path: Path) -> dict[str, list[str]]:
     if not path.exists():
         return {}
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table = read_table(path, {"Image": ("Image",), "Category": ("Category", "class", "label")})
     labels = {}
-    for record in table.to_dict("records"):
-        if not record.get("Image", "").strip().isdigit():
-            continue
-        stem = f"BloodImage_{int(record['Image']):05d}"
-        labels[stem] = [part.strip() for part in record.get("Category", "").split(",") if part.strip()]
+    for image, category in zip(table["Image"], table["Category"], strict=True):
+        if image.isdigit():
+            labels[f"BloodImage_{int(image):05d}"] = [part.strip() for part in category.split(",") if part.strip()]
     return labels
 
 
@@ -47,7 +43,11 @@ def read(root: Path, subset: str | None = None) -> ReadResult:
     result = ReadResult("bccd")
     for xml_path in xml_files:
         where = f"Annotations/{xml_path.name}"
-        tree = ET.parse(xml_path).getroot()
+        try:
+            tree = ET.parse(xml_path).getroot()
+        except ET.ParseError as exc:
+            result.reject(where, where, "unreadable_annotation", f"not valid XML ({exc})")
+            continue
         name = safe_image_name(tree.findtext("filename", default=f"{xml_path.stem}.jpg"))
         if name is None:
             result.reject(where, where, "unsafe_path", "<filename> escapes the dataset folder")

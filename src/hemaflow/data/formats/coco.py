@@ -10,14 +10,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hemaflow.data.formats import Annotation, ReadResult, find_one, parse_box, safe_image_name
+from hemaflow.data.formats import Annotation, LayoutError, ReadResult, find_one, parse_box, safe_image_name
 
 __all__ = ["read"]
 
 
-def read(root: Path) -> ReadResult:
+def read(root: Path, subset: str | None = None) -> ReadResult:
     json_path = find_one(root, ["*.json", "annotations/*.json"], (), "COCO annotation json")
-    data = json.loads(json_path.read_text())
+    try:
+        data = json.loads(json_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LayoutError(f"{json_path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise LayoutError(
+            f"{json_path}: not a COCO detection file (expected an object with images, annotations, categories)"
+        )
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise ValueError(f"{json_path}: not a COCO detection file (no '{key}')")

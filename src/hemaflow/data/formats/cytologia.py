@@ -8,27 +8,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-
-from hemaflow.data.formats import Annotation, ReadResult, find_one, list_images, parse_box, safe_image_name
+from hemaflow.data.formats import (
+    Annotation,
+    LayoutError,
+    ReadResult,
+    find_one,
+    list_images,
+    parse_box,
+    read_table,
+    safe_image_name,
+)
+from hemaflow.tables import BOX
 
 __all__ = ["read"]
 
-BOX_COLUMNS = ["x1", "y1", "x2", "y2"]
+
+COLUMNS = {
+    "NAME": ("NAME", "image", "file_name", "filename", "file"),
+    "x1": ("x1", "xmin"),
+    "y1": ("y1", "ymin"),
+    "x2": ("x2", "xmax"),
+    "y2": ("y2", "ymax"),
+    "class": ("class", "label", "category"),
+}
 
 
-def read(root: Path) -> ReadResult:
+def read(root: Path, subset: str | None = None) -> ReadResult:
     csv_path = find_one(root, ["*.csv"], ("train.csv", "labels.csv"), "CSV (train.csv or labels.csv) beside the images")
     image_dir = root / "images" if (root / "images").is_dir() else root
     prefix = "images/" if image_dir != root else ""
     present = set(list_images(image_dir))
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    missing = [c for c in ["NAME", *BOX_COLUMNS, "class"] if c not in table.columns]
-    if missing:
-        raise ValueError(
-            f"{csv_path}: missing column(s) {', '.join(missing)}; expected NAME,x1,y1,x2,y2,class "
-            "(a test CSV without boxes is for `hemaflow predict`, not for prepare)"
-        )
+    try:
+        table = read_table(csv_path, COLUMNS)
+    except LayoutError as exc:
+        raise LayoutError(f"{exc} (a test CSV without boxes is for `hemaflow predict`, not for prepare)") from None
     result = ReadResult("cytologia")
     referenced = set()
     for index, record in enumerate(table.to_dict("records")):
@@ -42,7 +55,7 @@ def read(root: Path) -> ReadResult:
             continue
         referenced.add(name)
         try:
-            box = parse_box(*(record[c] for c in BOX_COLUMNS))
+            box = parse_box(*(record[c] for c in BOX))
         except ValueError as exc:
             result.reject(prefix + name, where, "invalid_box", str(exc))
             continue
