@@ -83,7 +83,6 @@ def test_compare_builds_the_table_with_intervals_and_a_report_whose_links_resolv
         methods=["none", "reinhard"],
         deployed="reinhard",
         translations=["none", "reinhard"],
-        seed=0,
         metrics=metrics,
         prepared=prepared,
         translated=translated,

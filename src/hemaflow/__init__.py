@@ -8,10 +8,11 @@ widest kernels each CPU offers, and the trained models of two machines drift apa
 committed metrics once moved by up to 0.2 on a clean clone). The cost is measured in
 ``benchmarks/reproducibility.py``; ``HEMAFLOW_CPU_KERNELS=native`` turns the pinning off for
 speed, at the price of results that depend on the machine. The thread count is pinned per run
-by ``hemaflow.runtime.configure`` (``base.cpu_threads``), since it changes the order of sums too.
+by ``pin_threads`` (``base.cpu_threads``), since it changes the order of sums too.
 """
 
 import os
+import sys
 
 CPU_KERNEL_PINS = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
@@ -24,3 +25,10 @@ CPU_KERNEL_PINS = {
 
 if os.environ.get("HEMAFLOW_CPU_KERNELS", "avx2") != "native":
     os.environ.update(CPU_KERNEL_PINS)
+
+
+def pin_threads(count: int) -> None:
+    """CPU math on ``count`` threads: set before torch loads (as the CLI does), applied at once if it has."""
+    os.environ.update({name: str(count) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(count)

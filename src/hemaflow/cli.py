@@ -18,7 +18,16 @@ import typer
 import yaml
 
 from hemaflow.errors import HemaflowError
-from hemaflow.params import DatasetFormat, Params, Translation, load_params, params_markdown, parse_params
+from hemaflow.params import (
+    DatasetFormat,
+    Params,
+    Translation,
+    apply_profile,
+    load_params,
+    params_markdown,
+    parse_params,
+    replaces_collections,
+)
 
 app = typer.Typer(
     help="Reproducible white-blood-cell detection, stain adaptation and classification, rebuilt by `dvc repro`.",
@@ -69,13 +78,13 @@ def _user_errors() -> Iterator[None]:
 
 def _load(path: Path, *, backbone: bool = False, detector: bool = False, datasets: bool = False) -> Params:
     """Read params and check the names the command uses (see hemaflow.checks)."""
+    from hemaflow import pin_threads
     from hemaflow.checks import check_params
-    from hemaflow.runtime import configure
 
     with _user_errors():
         params = load_params(path)
+        pin_threads(params.base.cpu_threads)
         check_params(params, str(path), backbone=backbone, detector=detector, datasets=datasets)
-        configure(params.base.cpu_threads)
         return params
 
 
@@ -369,11 +378,11 @@ def compare_command(
     translated: Annotated[Path, typer.Option(help="Folder of the translate stages' outputs.")],
     out: Annotated[Path, typer.Option(help="The cross-domain table (JSON) to write.")],
     plots: Annotated[Path, typer.Option(help="Folder for the cross-domain plots.")],
-    translate_plots: Annotated[Path, typer.Option(help="Folder for the UMAP of the translations.")],
+    translate_plots: Annotated[Path, typer.Option(help="Folder for the map of the domains (principal components).")],
     report: Annotated[Path, typer.Option(help="Markdown report to write.")],
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Build the cross-domain table, the UMAP of the domains and the report (stage `compare`)."""
+    """Build the cross-domain table, the map of the domains and the report (stage `compare`)."""
     from hemaflow.evaluate.compare import compare
 
     params = _load(params_file)
@@ -385,7 +394,6 @@ def compare_command(
             methods=list(params.adapt.methods),
             deployed=params.adapt.deploy,
             translations=translations,
-            seed=params.base.seed,
             metrics=metrics,
             prepared=prepared,
             translated=translated,
@@ -628,13 +636,6 @@ def _flatten(prefix: str, value: object) -> Iterator[tuple[str, object]]:
         yield prefix, value
 
 
-def _merge(base: dict, overlay: dict) -> dict:
-    merged = dict(base)
-    for key, value in overlay.items():
-        merged[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return merged
-
-
 @params_app.command("overrides")
 def params_overrides(
     profile: Annotated[Path, typer.Argument(help="A partial params file, e.g. profiles/gpu.yaml.")],
@@ -642,13 +643,56 @@ def params_overrides(
 ) -> None:
     """Print a profile as `-S key=value` arguments for `dvc exp run`, after validating the result.
 
-    Example: dvc exp run $(hemaflow params overrides profiles/gpu.yaml)
+    Example: dvc exp run $(hemaflow params overrides profiles/gpu.yaml). A profile that replaces
+    lists or method tables (datasets, adaptation methods) needs `hemaflow params use` instead.
     """
+    import copy
+
     with _user_errors():
         overlay = yaml.safe_load(profile.read_text()) or {}
+        whole = replaces_collections(overlay)
+        if whole:
+            raise HemaflowError(
+                f"{profile} replaces {', '.join(whole)}, which -S cannot: run `hemaflow params use {profile}`"
+            )
         base = yaml.safe_load(params_file.read_text())
-        parse_params(_merge(base, overlay), f"{params_file} + {profile}")
+        parse_params(apply_profile(copy.deepcopy(base), overlay), f"{params_file} + {profile}")
     pairs = [
         f"-S '{key}={yaml.safe_dump(value, default_flow_style=True).strip()}'" for key, value in _flatten("", overlay)
     ]
     typer.echo(" ".join(p.replace("\n...", "") for p in pairs))
+
+
+@params_app.command("use")
+def params_use(
+    profile: Annotated[Path, typer.Argument(help="A params profile, e.g. profiles/shared.yaml.")],
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Write a profile into params.yaml (comments of untouched keys kept), after validating the result.
+
+    Sections merge key by key; lists and method tables the profile gives (prepare.datasets,
+    adapt.methods) replace params.yaml's. Then `dvc repro` (or `dvc exp run`) runs the profile;
+    `git diff params.yaml` shows what changed and `git checkout params.yaml` goes back.
+    """
+    import copy
+    import io
+
+    from ruamel.yaml import YAML
+
+    from hemaflow._io import write_text
+
+    with _user_errors():
+        overlay = yaml.safe_load(profile.read_text()) or {}
+        round_trip = YAML()
+        data = round_trip.load(params_file.read_text())
+        params = parse_params(
+            apply_profile(copy.deepcopy(yaml.safe_load(params_file.read_text())), overlay), f"{params_file} + {profile}"
+        )
+        apply_profile(data, overlay)
+        buffer = io.StringIO()
+        round_trip.dump(data, buffer)
+        write_text(params_file, buffer.getvalue())
+    typer.echo(
+        f"{params_file}: {profile} applied ({len(params.prepare.datasets)} datasets, "
+        f"methods {', '.join(params.adapt.methods)})"
+    )

@@ -44,9 +44,11 @@ __all__ = [
     "TrainingCropParams",
     "Translation",
     "TranslateParams",
+    "apply_profile",
     "load_params",
     "params_markdown",
     "parse_params",
+    "replaces_collections",
 ]
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -171,6 +173,8 @@ class PrepareParams(_Section):
     """Stratified folds of the labelled source images."""
     val_fold: NonNegativeInt
     """The fold the detector validates on (and the first classifier fold holds out)."""
+    test_fold: NonNegativeInt | None
+    """null, or a fold of the labelled source images held out as the test split (for data without a test set)."""
     crop: CropParams
     fields: FieldParams
     box_tolerance_px: Annotated[float, Field(ge=0)]
@@ -197,6 +201,8 @@ class PrepareParams(_Section):
     def _val_fold_exists(self) -> PrepareParams:
         if self.val_fold >= self.folds:
             raise ValueError(f"val_fold={self.val_fold} must be below folds={self.folds}")
+        if self.test_fold is not None and (self.test_fold >= self.folds or self.test_fold == self.val_fold):
+            raise ValueError(f"test_fold={self.test_fold} must be a fold below folds={self.folds} other than val_fold")
         return self
 
 
@@ -441,6 +447,11 @@ class Params(_Section):
     def _consistent(self) -> Params:
         if self.classify.folds > self.prepare.folds:
             raise ValueError(f"classify.folds={self.classify.folds} exceeds prepare.folds={self.prepare.folds}")
+        if self.prepare.test_fold is not None and self.prepare.test_fold < self.classify.folds:
+            raise ValueError(
+                f"prepare.test_fold={self.prepare.test_fold} is one of the classifier's folds 0..{self.classify.folds - 1}: "
+                "hold out a later fold"
+            )
         has_target = any(d.role is Role.target for d in self.prepare.datasets)
         for name, recipe in self.adapt.methods.items():
             if recipe.translate is not Translation.cyclegan and recipe.translate not in self.translate.methods:
@@ -456,6 +467,46 @@ class Params(_Section):
                 "(give one, or set translate.methods: [none] and translate.cyclegan.train: false)"
             )
         return self
+
+
+def _is_collection(path: tuple[str, ...]) -> bool:
+    """Is the key at ``path`` a list or a name -> section dict (replaced whole by a profile, never merged)?"""
+    model: type[BaseModel] = Params
+    for depth, key in enumerate(path):
+        field = model.model_fields.get(key)
+        if field is None:
+            return False
+        annotation = field.annotation
+        if get_origin(annotation) in (list, dict):
+            return True
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)) or depth == len(path) - 1:
+            return False
+        model = annotation
+    return False
+
+
+def apply_profile(base: dict, overlay: dict, path: tuple[str, ...] = ()) -> dict:
+    """``base`` (a params mapping, changed in place and returned) with a profile's values: sections merge
+    key by key; lists and name -> section dicts (``prepare.datasets``, ``adapt.methods``) are replaced whole."""
+    for key, value in overlay.items():
+        inner = (*path, key)
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and not _is_collection(inner):
+            apply_profile(base[key], value, inner)
+        else:
+            base[key] = value
+    return base
+
+
+def replaces_collections(overlay: dict, path: tuple[str, ...] = ()) -> list[str]:
+    """The dotted keys of a profile that replace a list or a name -> section dict."""
+    found = []
+    for key, value in overlay.items():
+        inner = (*path, key)
+        if _is_collection(inner):
+            found.append(".".join(inner))
+        elif isinstance(value, dict):
+            found += replaces_collections(value, inner)
+    return found
 
 
 def _type_name(annotation: object) -> str:

@@ -1,8 +1,7 @@
-"""Where and how a stage computes: device, threads, precision, processes. Written once, used by every stage.
+"""Where and how a stage computes: device, precision, processes, and the conditions metrics record.
 
-``configure`` is the first call of every training or inference stage: it pins the CPU thread
-count (the order of parallel sums depends on it) and says what it pinned, so that metrics can
-record the conditions they were computed under (``conditions``).
+Written once, used by every stage. (The CPU kernels and threads are pinned before torch loads:
+``hemaflow/__init__.py``.)
 """
 
 from __future__ import annotations
@@ -16,15 +15,10 @@ import torch.distributed as dist
 
 from hemaflow.errors import HemaflowError
 
-__all__ = ["Runtime", "autocast", "conditions", "configure", "select_device"]
+__all__ = ["Runtime", "autocast", "conditions", "select_device"]
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def configure(cpu_threads: int) -> None:
-    """Pin torch's intra-op threads; CPU results are reproducible for a given thread count."""
-    torch.set_num_threads(cpu_threads)
 
 
 def conditions() -> dict:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ __all__ = [
     "BOX",
     "Box",
     "CELL_COLUMNS",
+    "DETECTIONS_CARD",
     "DETECTION_COLUMNS",
     "boxes",
     "has_box",
@@ -31,6 +33,7 @@ __all__ = [
     "read_crop",
     "read_crops",
     "read_detections",
+    "read_detections_card",
     "read_images",
     "source_and_target",
     "write_cells",
@@ -54,6 +57,7 @@ CELL_COLUMNS = [
     "crop",
 ]
 DETECTION_COLUMNS = ["image", *BOX, "score"]
+DETECTIONS_CARD = "detector.json"  # beside the detection CSVs: which detector found them, or that none was trained
 
 
 def _read(path: Path, stage: str) -> pd.DataFrame:
@@ -114,6 +118,14 @@ def read_crop(path: Path) -> np.ndarray:
 
 def read_crops(folder: Path, cells: pd.DataFrame) -> list[np.ndarray]:
     return [read_crop(Path(folder) / name) for name in cells["crop"]]
+
+
+def read_detections_card(folder: Path) -> dict:
+    """The detect stage's note beside its CSVs: ``detector`` ("none" when the data had no smear field), ``score_threshold``."""
+    path = Path(folder) / DETECTIONS_CARD
+    if not path.is_file():
+        raise HemaflowError(f"{path}: not found (run `dvc repro detect` first)")
+    return json.loads(path.read_text())
 
 
 def read_detections(folder: Path, splits: tuple[str, ...]) -> pd.DataFrame:

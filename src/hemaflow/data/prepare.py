@@ -161,7 +161,7 @@ def _map_label(
     unknown: dict[tuple[str, str], list[str]],
     findings: list[Finding],
 ) -> _Cell | None:
-    if ann.label is None:
+    if ann.label is None or dataset.role is Role.target:  # a target domain is unlabelled by definition
         return _Cell(ann.box, None, None, ann.row)
     known, fine = _fine_class(dataset, vocabulary, ann.label)
     if not known:
@@ -367,10 +367,15 @@ def prepare(*, params: PrepareParams, seed: int, out: Path, metrics: Path, plots
             images.loc[source, "fold"] = assign_folds(list(images.loc[source, "strata"]), params.folds, seed)
         except ValueError as exc:
             raise HemaflowError(f"prepare: {exc}") from None
+        if params.test_fold is not None:  # a fold of the labelled source held out as the test split
+            held_out = source & (images["fold"] == params.test_fold)
+            images.loc[held_out, "role"] = Role.test.value
+            source &= ~held_out
         images["split"] = np.where(source, np.where(images["fold"] == params.val_fold, "val", "train"), images["role"])
         images = images.drop(columns="strata")
         cells = pd.DataFrame(cell_rows, columns=[c for c in CELL_COLUMNS if c not in ("fold", "split")])
-        cells = cells.merge(images[["image", "fold", "split"]], on="image", how="left")[CELL_COLUMNS]
+        cells = cells.drop(columns="role").merge(images[["image", "role", "fold", "split"]], on="image", how="left")
+        cells = cells[CELL_COLUMNS]
         write_cells(staging, cells)
         write_csv(staging / "images.csv", images)
         findings += same_bytes(images[["image", "role", "sha256"]].itertuples(index=False))

@@ -20,7 +20,7 @@ from hemaflow.data.images import MAX_FIELD_PIXELS, load_rgb
 from hemaflow.detect.detector import DetectorEnsemble, NoDetector, score_threshold
 from hemaflow.detect.metrics import detection_metrics
 from hemaflow.params import DetectParams, EvaluateParams, PredictParams
-from hemaflow.tables import BOX, DETECTION_COLUMNS, boxes, read_cells, read_images
+from hemaflow.tables import BOX, DETECTION_COLUMNS, DETECTIONS_CARD, boxes, read_cells, read_images
 
 __all__ = ["SPLITS", "detect", "detection_rows"]
 
@@ -55,6 +55,7 @@ def detect(
     except NoDetector as reason:
         for split in SPLITS:
             write_csv(out / f"{split}.csv", pd.DataFrame(columns=DETECTION_COLUMNS))
+        write_json(out / DETECTIONS_CARD, {"detector": "none", "reason": str(reason)})
         write_json(metrics, {"detector": "none", "reason": str(reason)})
         return
     threshold = score_threshold(params, ensemble)
@@ -63,6 +64,7 @@ def detect(
         "score_threshold": threshold,
         "threshold_from": "validation fields" if params.score_threshold == "auto" else "detect.score_threshold",
     }
+    write_json(out / DETECTIONS_CARD, {"detector": result["detector"], "score_threshold": threshold})
     for split in SPLITS:
         chosen = images[(images["split"] == split) & (images["field"] != "")]
         rows, truth, predictions = [], {}, {}

@@ -177,6 +177,7 @@ def train_detector(
     threshold chosen on the validation fields. Without smear fields in the data, the card says so."""
     annotations = json.loads((prepared / "coco" / "train.json").read_text())["annotations"]
     if not annotations:
+        work_dir.mkdir(parents=True, exist_ok=True)  # a declared output, empty: nothing to resume
         write_json(out / CARD, {"status": "none", "reason": "no smear fields with boxes in the training data"})
         write_csv(plots / "curves.csv", pd.DataFrame(columns=CURVE_COLUMNS))
         return

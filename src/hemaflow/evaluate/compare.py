@@ -47,7 +47,7 @@ def _table(methods: Sequence[str], metrics: Path) -> pd.DataFrame:
                 "coarse_macro_f1": None,
             }
         )
-        for domain, scores in sorted(_read(metrics / "evaluate" / f"{method}.json")["domains"].items()):
+        for domain, scores in sorted(_read(metrics / "evaluate" / f"{method}.json").get("domains", {}).items()):
             low, high = scores["macro_f1_interval"]
             rows.append(
                 {
@@ -102,7 +102,6 @@ def compare(
     methods: Sequence[str],
     deployed: str,
     translations: Sequence[str],
-    seed: int,
     metrics: Path,
     prepared: Path,
     translated: Path,
@@ -111,7 +110,7 @@ def compare(
     translate_plots: Path,
     report: Path,
 ) -> None:
-    """Write ``out`` (the cross-domain table), its plots, the UMAP of the translations and ``report``."""
+    """Write ``out`` (the cross-domain table), its plots, the map of the domains and ``report``."""
     table = _table(methods, metrics)
     evaluations = {m: _read(metrics / "evaluate" / f"{m}.json") for m in methods}
     result = {
@@ -125,7 +124,7 @@ def compare(
             }
             for m in methods
         },
-        "cytologia_score": {m: e["overall"].get("cytologia", {}).get("score") for m, e in evaluations.items()},
+        "cytologia_score": {m: e.get("overall", {}).get("cytologia", {}).get("score") for m, e in evaluations.items()},
     }
     write_json(out, result)
     write_csv(plots / "macro_f1.csv", table.assign(cell=table["method"] + " @ " + table["domain"]).round(4))
@@ -134,9 +133,8 @@ def compare(
         prepared=prepared,
         translated=translated,
         translations=translations,
-        seed=seed,
-        csv=translate_plots / "umap.csv",
-        png=translate_plots / "umap.png",
+        csv=translate_plots / "domains.csv",
+        png=translate_plots / "domains.png",
     )
     write_text(
         report, _report(methods, deployed, translations, table, evaluations, metrics, report, plots, translate_plots)
@@ -162,6 +160,9 @@ def _report(
     grid = grid.pivot(index="method", columns="domain", values="cell").reindex(list(methods)).reset_index()
     end_to_end = []
     for method, e in evaluations.items():
+        if e.get("status") == "none":
+            end_to_end.append({"method": method, "macro-F1 (fine)": f"not scored: {e['reason']}"})
+            continue
         overall, cytologia = e["overall"], e["overall"].get("cytologia", {})
         end_to_end.append(
             {
@@ -238,7 +239,7 @@ def _report(
         "",
         _markdown(translation),
         "",
-        f"![UMAP of the domains before and after each translation]({_link(translate_plots / 'umap.png', report)})",
+        f"![map of the domains before and after each translation]({_link(translate_plots / 'domains.png', report)})",
         "",
         *(f"![{t} samples]({_link(translate_plots / t / 'samples.png', report)})" for t in translations),
         "",

@@ -27,7 +27,6 @@ from hemaflow._io import write_csv, write_json
 from hemaflow.classify.inference import crops_at_boxes, ensemble_probabilities, fold_logits, load_ensemble
 from hemaflow.data.classes import load_class_matrix
 from hemaflow.data.images import MAX_FIELD_PIXELS, load_rgb
-from hemaflow.errors import HemaflowError
 from hemaflow.metrics import (
     MISSED,
     best_giou_matches,
@@ -38,7 +37,7 @@ from hemaflow.metrics import (
 )
 from hemaflow.params import ClassifyParams, CropParams, EvaluateParams
 from hemaflow.runtime import select_device
-from hemaflow.tables import boxes, has_box, labelled, read_cells, read_crop, read_detections
+from hemaflow.tables import boxes, has_box, labelled, read_cells, read_crop, read_detections, read_detections_card
 
 __all__ = ["coverage_curve", "evaluate", "score_cells"]
 
@@ -107,13 +106,15 @@ def _matched_boxes(truth: pd.DataFrame, found: pd.DataFrame) -> tuple[np.ndarray
     return chosen, np.where(best >= 0, (giou + 1) / 2, 0.0)
 
 
-def _crops(test: pd.DataFrame, detections: pd.DataFrame, prepared: Path, geometry: CropParams):
+def _crops(test: pd.DataFrame, detections: pd.DataFrame | None, prepared: Path, geometry: CropParams):
     """Every crop to classify, in order: per test cell its crop at the matched detection (fields, end
-    to end) or its prepared crop (single-cell images), then the field cells at their true boxes."""
-    by_image = dict(tuple(detections.groupby("image")))
+    to end) or its prepared crop (single-cell images, and every cell when no detector was trained),
+    then the field cells at their true boxes."""
     end_to_end, at_truth, rescaled = [], [], np.full(len(test), np.nan)
     position = {index: k for k, index in enumerate(test.index)}
-    for image, truth in tqdm(test[has_box(test)].groupby("image", sort=True), desc="evaluate fields", unit="field"):
+    detected = has_box(test) if detections is not None else pd.Series(False, index=test.index)
+    by_image = dict(tuple(detections.groupby("image"))) if detections is not None else {}
+    for image, truth in tqdm(test[detected].groupby("image", sort=True), desc="evaluate fields", unit="field"):
         chosen, score = _matched_boxes(truth, by_image.get(image, detections.iloc[:0]))
         rgb = load_rgb(Path(image), MAX_FIELD_PIXELS)[0]
         ppu = float(truth["px_per_um"].iloc[0])
@@ -122,7 +123,7 @@ def _crops(test: pd.DataFrame, detections: pd.DataFrame, prepared: Path, geometr
         end_to_end += list(zip(np.asarray(rows)[hit], crops_at_boxes(rgb, chosen[hit], ppu, geometry), strict=True))
         at_truth += list(zip(rows, crops_at_boxes(rgb, boxes(truth), ppu, geometry), strict=True))
         rescaled[rows] = score
-    for index, row in test[~has_box(test)].iterrows():
+    for index, row in test[~detected].iterrows():
         end_to_end.append((position[index], read_crop(prepared / row["crop"])))
     return end_to_end, at_truth, rescaled
 
@@ -184,12 +185,20 @@ def evaluate(
 ) -> None:
     """Score the method's classifier on every labelled test cell; write ``metrics``, ``plots`` and ``out`` (one row per cell)."""
     test = labelled(read_cells(prepared), "test").reset_index(drop=True)
-    if test.empty:
-        raise HemaflowError(f"{prepared / 'cells.csv'}: no labelled test cells (give a labelled dataset role: test)")
+    if test.empty:  # a dataset without labelled test cells (a challenge's hidden test set): nothing to score
+        reason = "no labelled test cells (give a labelled dataset role: test, or set prepare.test_fold)"
+        write_json(metrics, {"method": method, "status": "none", "reason": reason})
+        write_csv(out, test)
+        write_csv(plots / "confusion.csv", pd.DataFrame(columns=["actual", "predicted"]))
+        write_csv(plots / "per_class_f1.csv", pd.DataFrame(columns=["class", "f1"]))
+        write_csv(plots / "coverage.csv", pd.DataFrame(columns=["threshold", "coverage", "accuracy"]))
+        return
     ensemble = load_ensemble(classifier)
     classes = np.array(ensemble[0][1].classes)
     device = select_device(classify.device, "classify.device")
-    end_to_end, at_truth, rescaled = _crops(test, read_detections(detections, ("test",)), prepared, geometry)
+    card = read_detections_card(detections)
+    found = read_detections(detections, ("test",)) if card["detector"] != "none" else None
+    end_to_end, at_truth, rescaled = _crops(test, found, prepared, geometry)
     logits = fold_logits(ensemble, [c for _, c in end_to_end + at_truth], classify.tta, device, 64)
     calibrated, raw = (
         ensemble_probabilities(ensemble, logits),
@@ -205,7 +214,12 @@ def evaluate(
     cells.loc[rows, "confidence_raw"] = raw[:split].max(1)
     cells.loc[[r for r, _ in at_truth], "predicted_at_true_box"] = classes[calibrated[split:].argmax(1)]
 
-    result: dict = {"method": method, "overall": score_cells(cells, "predicted", evaluation, seed), "domains": {}}
+    result: dict = {
+        "method": method,
+        "detector": card["detector"],
+        "overall": score_cells(cells, "predicted", evaluation, seed),
+        "domains": {},
+    }
     for domain, part in cells.groupby("domain"):
         result["domains"][domain] = score_cells(part, "predicted", evaluation, seed)
         boxed = part[part["predicted_at_true_box"].notna()]

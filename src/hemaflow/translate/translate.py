@@ -5,7 +5,7 @@ For one translation the stage writes ``<out>/crops/<cell_id>.png`` and ``<out>/c
 on, plus how well the translation did: SSIM between each cell and its translation (structure
 kept), KID to the target before and after (look changed), a sample grid. Reinhard and Macenko
 are fitted here on target cells; CycleGAN (stage ``translate_cyclegan``) loads the generator
-that ``train_translator`` trained. The UMAP of all translations is drawn once, by ``compare``.
+that ``train_translator`` trained. The map of all translations is drawn once, by ``compare``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,86 @@
+"""The shipped profiles validate, and the real-data one runs end to end: the pipeline follows the data."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO, SHARED_DATA, shared_dataset
+from hemaflow._scratch import scratch_env, scratch_repository
+from hemaflow.params import apply_profile, parse_params
+
+PROFILES = sorted((REPO / "profiles").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=[p.stem for p in PROFILES])
+def test_every_profile_gives_valid_params(profile):
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = parse_params(apply_profile(copy.deepcopy(base), yaml.safe_load(profile.read_text())), profile.name)
+    assert params.prepare.datasets
+
+
+def test_a_profile_replaces_lists_and_method_tables_but_merges_sections():
+    base = {
+        "prepare": {"folds": 5, "crop": {"pixels": 64, "fov_um": 25.0}, "datasets": [{"name": "a"}, {"name": "b"}]},
+        "adapt": {"methods": {"none": {}, "reinhard": {}}, "deploy": "none"},
+    }
+    overlay = {"prepare": {"crop": {"pixels": 128}, "datasets": [{"name": "c"}]}, "adapt": {"methods": {"none": {}}}}
+    merged = apply_profile(base, overlay)
+    assert merged["prepare"] == {"folds": 5, "crop": {"pixels": 128, "fov_um": 25.0}, "datasets": [{"name": "c"}]}
+    assert merged["adapt"] == {"methods": {"none": {}}, "deploy": "none"}
+
+
+TINY_BUDGET = {
+    "demo_data": {"cells_per_class": 2, "fields_per_domain": 2, "target_unlabelled_cells": 2, "target_test_cells": 0},
+    "model": {"img_size": 32},
+    "classify": {"folds": 1, "epochs": 1, "batch_size": 32},
+    "translate": {
+        "reference_cells": 32,
+        "cyclegan": {
+            "img_size": 32,
+            "ngf": 8,
+            "ndf": 8,
+            "n_blocks": 1,
+            "epochs": 1,
+            "epochs_decay": 0,
+            "batch_size": 8,
+        },
+    },
+    "evaluate": {"bootstrap": 200},
+}
+
+
+@pytest.mark.slow
+def test_the_real_data_profile_runs_end_to_end_with_no_detector(tmp_path):
+    shared_dataset("acevedo20_subset"), shared_dataset("cellavision_blog")
+    work = tmp_path / "repo"
+    scratch_repository(
+        REPO, work, skip=lambda name: name.startswith(("metrics/", "plots/", "reports/")) or name == "dvc.lock"
+    )
+    budget = TINY_BUDGET | {"prepare": {"root": str(SHARED_DATA)}}  # the scratch copy is not beside ../shared
+    (work / "budget.yaml").write_text(yaml.safe_dump(budget))
+    env = scratch_env()
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{' '.join(command)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        return result
+
+    run(sys.executable, "-m", "hemaflow", "params", "use", "profiles/shared.yaml")
+    run(sys.executable, "-m", "hemaflow", "params", "use", "budget.yaml")
+    run(sys.executable, "-m", "dvc", "repro")
+    card = json.loads((work / "models" / "detector" / "detector.json").read_text())
+    assert card["status"] == "none" and "no smear fields" in card["reason"]
+    assert json.loads((work / "metrics" / "detect.json").read_text())["detector"] == "none"
+    data = json.loads((work / "metrics" / "data.json").read_text())
+    assert 7.9 < data["estimated_scale"]["cellavision"]["px_per_um"] < 9.7  # about 8.8, from red cells
+    for method in ("none", "reinhard", "macenko", "cyclegan"):
+        evaluation = json.loads((work / "metrics" / "evaluate" / f"{method}.json").read_text())
+        assert evaluation["detector"] == "none" and evaluation["domains"]["cellavision"]["cells"] == 100
+    report = (work / "reports" / "README.md").read_text()
+    assert "No detector took part" in report and "cellavision (test)" in report
