@@ -39,18 +39,9 @@ TINY_BUDGET = {
     "demo_data": {"cells_per_class": 2, "fields_per_domain": 2, "target_unlabelled_cells": 2, "target_test_cells": 0},
     "model": {"img_size": 32},
     "classify": {"folds": 1, "epochs": 1, "batch_size": 32},
-    "translate": {
-        "reference_cells": 32,
-        "cyclegan": {
-            "img_size": 32,
-            "ngf": 8,
-            "ndf": 8,
-            "n_blocks": 1,
-            "epochs": 1,
-            "epochs_decay": 0,
-            "batch_size": 8,
-        },
-    },
+    # One classic method against no adaptation keeps the run short; CycleGAN has its own pipeline test.
+    "translate": {"methods": ["none", "reinhard"], "reference_cells": 32, "cyclegan": {"train": False}},
+    "adapt": {"methods": {"none": {"translate": "none"}, "reinhard": {"translate": "reinhard"}}, "deploy": "none"},
     "evaluate": {"bootstrap": 200},
 }
 
@@ -79,7 +70,7 @@ def test_the_real_data_profile_runs_end_to_end_with_no_detector(tmp_path):
     assert json.loads((work / "metrics" / "detect.json").read_text())["detector"] == "none"
     data = json.loads((work / "metrics" / "data.json").read_text())
     assert 8.7 < data["estimated_scale"]["cellavision"]["px_per_um"] < 10.7  # about 9.7, from red cells
-    for method in ("none", "reinhard", "macenko", "cyclegan"):
+    for method in ("none", "reinhard"):
         evaluation = json.loads((work / "metrics" / "evaluate" / f"{method}.json").read_text())
         assert evaluation["detector"] == "none" and evaluation["domains"]["cellavision"]["cells"] == 100
     report = (work / "reports" / "README.md").read_text()
