@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import pandas as pd
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import hemaflow_command, kill_when, run, shared_dataset, write_params
+from hemaflow.tables import read_cells, read_images, write_cells
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +43,9 @@ def _train_command(params, prepared, root):
 def test_the_model_card_holds_a_threshold_chosen_on_validation_fields(tiny_models):
     card = json.loads((tiny_models.detector / "detector.json").read_text())
     assert card["status"] == "trained" and card["px_per_um"] == 4.0 and card["input_px"] == 160
-    assert 0 < card["score_threshold"] <= 1 and card["fields"] == 6  # the tiny demo's validation fields
+    images = read_images(tiny_models.prepared)
+    assert 0 < card["score_threshold"] <= 1
+    assert card["fields"] == len(images[(images["split"] == "val") & (images["field"] != "")])
     metrics = json.loads((tiny_models.root / "detect.json").read_text())
     for split in ("val", "test"):
         assert {"mAP", "AP50", "AP50_interval", "precision_50", "recall_50", "mean_giou", "cytologia_box_term"} <= set(
@@ -49,6 +53,31 @@ def test_the_model_card_holds_a_threshold_chosen_on_validation_fields(tiny_model
         )
     columns = list(pd.read_csv(tiny_models.detections / "val.csv").columns)
     assert columns == ["image", "x1", "y1", "x2", "y2", "score"]
+
+
+def _move_boxes(prepared, destination, split: str):
+    """A copy of ``prepared`` whose ``split`` fields have every true box moved."""
+    shutil.copytree(prepared, destination)
+    images, cells = read_images(destination), read_cells(destination)
+    fields = set(images[(images["split"] == split) & (images["field"] != "")]["image"])
+    chosen = cells["image"].isin(fields)
+    for column in ("x1", "x2"):
+        cells.loc[chosen, column] = (pd.to_numeric(cells.loc[chosen, column]) + 37).astype(str)
+    write_cells(destination, cells)
+    return destination
+
+
+def test_the_threshold_sees_the_validation_fields_and_never_the_test_ones(tiny_models, tmp_path):
+    from hemaflow.detect.train import validation_threshold
+    from hemaflow.params import load_params
+
+    detect = load_params(tiny_models.params_file).detect
+    card = json.loads((tiny_models.detector / "detector.json").read_text())
+    other_test = _move_boxes(tiny_models.prepared, tmp_path / "test", "test")
+    chosen = validation_threshold(tiny_models.detector, other_test, detect, detect.batch_size)
+    assert (chosen["score_threshold"], chosen["f1_50"]) == (card["score_threshold"], card["f1_50"])
+    other_val = _move_boxes(tiny_models.prepared, tmp_path / "val", "val")
+    assert validation_threshold(tiny_models.detector, other_val, detect, detect.batch_size)["f1_50"] < card["f1_50"]
 
 
 def test_killed_training_resumes(tiny_prepared, tmp_path):

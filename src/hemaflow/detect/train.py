@@ -150,7 +150,7 @@ def reset_stale_work_dir(work_dir: Path, key: str) -> bool:
     return stale
 
 
-def _validation_threshold(out: Path, prepared: Path, params: DetectParams, batch_size: int) -> dict:
+def validation_threshold(out: Path, prepared: Path, params: DetectParams, batch_size: int) -> dict:
     """The score threshold that maximises F1 at IoU 0.5 on the validation fields, run as `detect` runs them."""
     images, cells = read_images(prepared), read_cells(prepared)
     fields = images[(images["split"] == "val") & (images["field"] != "")]
@@ -212,5 +212,5 @@ def train_detector(
             "epoch": checkpoint["meta"].get("epoch"),
         }
         write_json(staging / CARD, card)
-        write_json(staging / CARD, card | _validation_threshold(staging, prepared, params, params.batch_size))
+        write_json(staging / CARD, card | validation_threshold(staging, prepared, params, params.batch_size))
     write_csv(plots / "curves.csv", _curves(work_dir))
