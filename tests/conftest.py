@@ -172,7 +172,7 @@ def _build_tiny_models(prepared: Path, params_file: Path, root: Path) -> None:
     train_detector(
         params=p.detect,
         fields_px_per_um=p.prepare.fields.px_per_um,
-        seed=p.base.seed,
+        seeds=p.base.seeds,
         prepared=prepared,
         work_dir=root / "detector_work",
         out=root / "detector",
@@ -211,7 +211,7 @@ def _build_tiny_models(prepared: Path, params_file: Path, root: Path) -> None:
     train_classifier(
         model_params=p.model,
         params=p.classify,
-        seed=p.base.seed,
+        seeds=p.base.seeds,
         cells=root / "none",
         out=root / "classifier",
         metrics=root / "classify.json",

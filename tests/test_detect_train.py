@@ -80,18 +80,45 @@ def test_the_threshold_sees_the_validation_fields_and_never_the_test_ones(tiny_m
     assert validation_threshold(tiny_models.detector, other_val, detect, detect.batch_size)["f1_50"] < card["f1_50"]
 
 
-def test_killed_training_resumes(tiny_prepared, tmp_path):
+def test_killed_training_resumes_and_a_second_seed_measures_the_spread(tiny_prepared, tmp_path):
     prepared, base = tiny_prepared
     params = _params(tmp_path / "params.yaml", base, epochs=3, batch_size=4)
+    data = yaml.safe_load(params.read_text())
+    first, second = data["base"]["seeds"][0], data["base"]["seeds"][0] + 1
+    data["base"]["seeds"] = [first, second]
+    params.write_text(yaml.safe_dump(data))
     command = _train_command(params, prepared, tmp_path)
+    work = tmp_path / "work" / f"seed{first}"
     # mmengine names a checkpoint in last_checkpoint only once it is completely written
-    kill_when(command, lambda: (tmp_path / "work" / "last_checkpoint").exists())
+    kill_when(command, lambda: (work / "last_checkpoint").exists())
     assert not (tmp_path / "model" / "best.safetensors").exists(), "training finished before it could be interrupted"
     run(command)
-    runs = sorted((tmp_path / "work").glob("*/vis_data/scalars.json"))
+    runs = sorted(work.glob("*/vis_data/scalars.json"))
     resumed = [json.loads(line) for line in runs[-1].read_text().splitlines()]
     assert len(runs) == 2 and min(r["epoch"] for r in resumed if "epoch" in r) >= 2  # continued, not restarted
     assert list(pd.read_csv(tmp_path / "plots" / "curves.csv")["epoch"]) == [1, 2, 3]
+    other = json.loads((tmp_path / "model" / "seeds" / f"seed{second}" / "detector.json").read_text())
+    assert other["seed"] == second and 0 < other["score_threshold"] <= 1
+
+    run(
+        hemaflow_command(
+            "detect",
+            "--params",
+            str(params),
+            "--prepared",
+            str(prepared),
+            "--model",
+            str(tmp_path / "model"),
+            "--out",
+            str(tmp_path / "detections"),
+            "--metrics",
+            str(tmp_path / "detect.json"),
+        )
+    )
+    metrics = json.loads((tmp_path / "detect.json").read_text())
+    spread = metrics["seeds"]["test_AP50"]
+    assert set(spread["per_seed"]) == {str(first), str(second)} and spread["std"] is not None
+    assert spread["per_seed"][str(first)] == pytest.approx(metrics["test"]["AP50"])
 
 
 def test_torchrun_two_processes_on_gloo(tiny_prepared, tmp_path):

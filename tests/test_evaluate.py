@@ -48,6 +48,11 @@ def _scores(value):
     }
 
 
+def _spread(value):
+    """Two training seeds whose scores straddle ``value`` by 0.02."""
+    return {"per_seed": {"1": value - 0.02, "2": value + 0.02}, "mean": value, "std": 0.0283}
+
+
 def test_compare_builds_the_table_with_intervals_and_a_report_whose_links_resolve(tmp_path, tiny_prepared):
     prepared, _ = tiny_prepared
     metrics = tmp_path / "metrics"
@@ -60,6 +65,10 @@ def test_compare_builds_the_table_with_intervals_and_a_report_whose_links_resolv
                 "overall": overall,
                 "domains": {"wbc1": _scores(target)},
                 "calibration": {"ece": 0.05, "ece_uncalibrated": 0.2},
+                "seeds": {
+                    "overall": {"macro_f1": _spread(target)},
+                    "domains": {"wbc1": {"macro_f1": _spread(target)}},
+                },
             },
         )
     kid = {"mean": 0.1, "std": 0.01}
@@ -96,6 +105,8 @@ def test_compare_builds_the_table_with_intervals_and_a_report_whose_links_resolv
     assert table["macro_f1_interval"]["reinhard"]["wbc1 (test)"] == pytest.approx([0.76, 0.86])
     text = report.read_text()
     assert "| reinhard | 0.9300 | 0.8100 [0.7600, 0.8600] |" in text and "No detector took part" in text
+    assert "0.8100 ± 0.0283 (2 seeds)" in text
+    assert table["macro_f1_across_seeds"]["reinhard"]["wbc1 (test)"] == {"mean": 0.81, "std": 0.0283}
     assert all(p.exists() for p in _links(report)) and len(_links(report)) >= 4
 
 

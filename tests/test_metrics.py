@@ -10,6 +10,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score
 from hemaflow.detect.metrics import _coco_ap, choose_threshold, per_image_matches
 from hemaflow.metrics import (
     MISSED,
+    across_seeds,
     average_precision,
     bootstrap_interval,
     cytologia_score,
@@ -123,3 +124,10 @@ def test_expected_calibration_error_by_hand():
     # bin 0.9: accuracy 0.75 (gap 0.15, weight 4/6); bin 0.6: accuracy 0.5 (gap 0.1, weight 2/6)
     assert expected_calibration_error(confidence, correct) == pytest.approx(4 / 6 * 0.15 + 2 / 6 * 0.1)
     assert expected_calibration_error(np.array([1.0, 1.0]), np.array([1, 1])) == 0.0
+
+
+def test_spread_across_seeds_by_hand():
+    spread = across_seeds({42: 0.5, 7: 0.7})
+    assert spread["per_seed"] == {"42": 0.5, "7": 0.7}
+    assert spread["mean"] == pytest.approx(0.6) and spread["std"] == pytest.approx(0.2 / np.sqrt(2))
+    assert across_seeds({42: 0.5})["std"] is None  # one seed says nothing about the spread

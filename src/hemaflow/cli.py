@@ -175,7 +175,7 @@ def train_detector_command(
         train_detector(
             params=params.detect,
             fields_px_per_um=params.prepare.fields.px_per_um,
-            seed=params.base.seed,
+            seeds=params.base.seeds,
             prepared=prepared,
             work_dir=work_dir,
             out=out,
@@ -325,7 +325,7 @@ def train_classifier_command(
         train_classifier(
             model_params=params.model,
             params=params.classify,
-            seed=params.base.seed,
+            seeds=params.base.seeds,
             cells=cells,
             out=out,
             metrics=metrics,

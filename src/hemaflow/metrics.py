@@ -15,7 +15,9 @@ import numpy as np
 
 __all__ = [
     "MISSED",
+    "SPREAD_KEYS",
     "Boxes",
+    "across_seeds",
     "average_precision",
     "best_f1_threshold",
     "best_giou_matches",
@@ -264,4 +266,17 @@ def label_scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
         "macro_f1": float(f1.mean()),
         "balanced_accuracy": float((tp / support).mean()),
         "accuracy": float((truth == predicted).mean()),
+    }
+
+
+SPREAD_KEYS = ("macro_f1", "balanced_accuracy")  # the scores whose spread across training seeds is reported
+
+
+def across_seeds(values: Mapping[int, float]) -> dict:
+    """One score of every training seed, with their mean and sample standard deviation (None for one seed)."""
+    numbers = np.array(list(values.values()), dtype=np.float64)
+    return {
+        "per_seed": {str(seed): float(v) for seed, v in values.items()},
+        "mean": float(numbers.mean()),
+        "std": float(numbers.std(ddof=1)) if len(numbers) > 1 else None,
     }

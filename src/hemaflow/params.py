@@ -71,9 +71,19 @@ class BaseParams(_Section):
     """Shared by every stage."""
 
     seed: int
-    """Seed of data generation, folds and training: the same seed gives the same bytes."""
+    """Seed of data generation, folds and bootstrap resampling: the same seed gives the same bytes."""
+    seeds: Annotated[list[int], Field(min_length=1)]
+    """Training seeds. The first seed's models are the pipeline's; each further seed trains the detector
+    and the classifiers again, and metrics report mean and standard deviation across all seeds."""
     cpu_threads: PositiveInt
     """Threads of CPU math. Results are reproducible for a given count (it orders parallel sums); 2 on CI machines."""
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("a seed is listed twice")
+        return seeds
 
 
 class DemoDataParams(_Section):

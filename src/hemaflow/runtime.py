@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -15,7 +16,7 @@ import torch.distributed as dist
 
 from hemaflow.errors import HemaflowError
 
-__all__ = ["Runtime", "autocast", "conditions", "select_device"]
+__all__ = ["Runtime", "autocast", "conditions", "seed_folder", "select_device"]
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -29,6 +30,11 @@ def conditions() -> dict:
         "cpu_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+def seed_folder(out: Path, seed: int, seeds: list[int]) -> Path:
+    """Where a training seed's models live: ``out`` itself for the first seed (the pipeline's), else ``out/seeds/seed<s>``."""
+    return out if seed == seeds[0] else out / "seeds" / f"seed{seed}"
 
 
 def select_device(choice: DeviceChoice, key: str = "device") -> torch.device:

@@ -35,6 +35,7 @@ __all__ = [
     "load_ensemble",
     "predict_crops",
     "predict_logits",
+    "seed_ensembles",
 ]
 
 FLIPS = {"hflip": [3], "vflip": [2]}  # tensor dims flipped (N, C, H, W)
@@ -78,6 +79,15 @@ def load_ensemble(model_dir: Path) -> Ensemble:
     if len({tuple(card.classes) for _, card in ensemble}) != 1:
         raise HemaflowError(f"{model_dir}: fold models disagree on the class list; retrain")
     return ensemble
+
+
+def seed_ensembles(model_dir: Path) -> dict[int, Ensemble]:
+    """Every training seed's fold ensemble: the pipeline's (``model_dir``) first, then ``model_dir/seeds/seed<s>``."""
+    first = load_ensemble(model_dir)
+    ensembles = {int((first[0][1].extra or {}).get("seed", 0)): first}
+    for folder in sorted((Path(model_dir) / "seeds").glob("seed*"), key=lambda f: int(f.name[4:])):
+        ensembles[int(folder.name[4:])] = load_ensemble(folder)
+    return ensembles
 
 
 def fold_logits(

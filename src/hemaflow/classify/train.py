@@ -12,6 +12,7 @@ state is saved after every epoch (``hemaflow.resume``), so an interrupted run re
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,10 +35,10 @@ from hemaflow.classify.data import CellDataset, EpochSampler, build_transform, c
 from hemaflow.classify.inference import predict_logits
 from hemaflow.classify.model import ModelCard, create_classifier, resolve_backbone, save_classifier
 from hemaflow.errors import HemaflowError
-from hemaflow.metrics import classification_metrics, expected_calibration_error
+from hemaflow.metrics import SPREAD_KEYS, across_seeds, classification_metrics, expected_calibration_error
 from hemaflow.params import ClassifyParams, ModelParams
 from hemaflow.resume import TrainingState, file_digest, fingerprint
-from hemaflow.runtime import Runtime, autocast, conditions
+from hemaflow.runtime import Runtime, autocast, conditions, seed_folder
 from hemaflow.tables import labelled, read_cells
 
 __all__ = ["fit_temperature", "train_classifier"]
@@ -199,7 +200,7 @@ def train_classifier(
     *,
     model_params: ModelParams,
     params: ClassifyParams,
-    seed: int,
+    seeds: list[int],
     cells: Path,
     out: Path,
     metrics: Path,
@@ -208,6 +209,8 @@ def train_classifier(
 ) -> None:
     """Train the fold models on the labelled source cells of ``cells/cells.csv``; write models, metrics and plots.
 
+    The first seed's fold models (``out/fold*``) are the pipeline's; every further seed trains the
+    same folds again (``out/seeds/seed<s>``) so that metrics can report the spread across seeds.
     ``state`` keeps per-epoch training states so that an interrupted run resumes.
     """
     runtime = Runtime.start(params.device, "classify.device")
@@ -217,10 +220,53 @@ def train_classifier(
     classes = sorted(set(source["fine_class"]))
     data_hash = file_digest(cells / "cells.csv")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("fold*"):  # models of folds no longer asked for must not join the ensemble
-        if int(stale.name[4:].split(".")[0]) >= params.folds:
-            stale.unlink()
+    if runtime.main:
+        _remove_stale_models(out, params.folds, seeds)
+    runs = {}
+    for seed in seeds:
+        curves = plots / "curves" if seed == seeds[0] else None
+        folder, run_state = seed_folder(out, seed, seeds), state / f"seed{seed}"
+        runs[seed] = _train_folds(
+            source, classes, model_params, params, seed, cells, folder, curves, run_state, data_hash, runtime
+        )
+    if runtime.main:
+        oof, fold_scores, speeds = runs[seeds[0]]
+        spread = {
+            seed: classification_metrics(list(o["fine_class"]), list(o["predicted"])) for seed, (o, *_) in runs.items()
+        }
+        _report(classes, oof, fold_scores, speeds, spread, model_params, out, metrics, plots)
+        for seed in seeds:
+            for fold in range(params.folds):
+                TrainingState(state / f"seed{seed}" / f"fold{fold}.state.pt", "").clear()
+    runtime.barrier()
 
+
+def _remove_stale_models(out: Path, folds: int, seeds: list[int]) -> None:
+    """Fold models of folds or seeds no longer asked for must not join an ensemble or the spread."""
+    for folder in [out, *(out / "seeds").glob("seed*")]:
+        if folder != out and folder not in {seed_folder(out, s, seeds) for s in seeds}:
+            shutil.rmtree(folder)
+            continue
+        for stale in folder.glob("fold*"):
+            if int(stale.name[4:].split(".")[0]) >= folds:
+                stale.unlink()
+
+
+def _train_folds(
+    source: pd.DataFrame,
+    classes: list[str],
+    model_params: ModelParams,
+    params: ClassifyParams,
+    seed: int,
+    cells: Path,
+    out: Path,
+    curves: Path | None,
+    state: Path,
+    data_hash: str,
+    runtime: Runtime,
+) -> tuple[pd.DataFrame | None, dict, list[float]]:
+    """One seed's fold models, saved in ``out`` (learning curves in ``curves``, if given): (out-of-fold
+    predictions, per-fold scores, training images per second)."""
     oof_parts, fold_scores, speeds = [], {}, []
     for fold in range(params.folds):
         train, val = source[source["fold"] != fold], source[source["fold"] == fold]
@@ -251,6 +297,7 @@ def train_classifier(
             temperature=temperature,
             extra={
                 "fold": fold,
+                "seed": seed,
                 "val": fold_scores[str(fold)],
                 "history": history,
                 "model_params": model_params.model_dump(),
@@ -259,12 +306,9 @@ def train_classifier(
         )
         save_classifier(model.cpu(), card, out / f"fold{fold}")
         model.to(runtime.device)
-        write_csv(plots / "curves" / f"fold{fold}.csv", pd.DataFrame(history))
-    if runtime.main:
-        _report(classes, pd.concat(oof_parts), fold_scores, speeds, model_params, out, metrics, plots)
-        for fold in range(params.folds):
-            TrainingState(state / f"fold{fold}.state.pt", "").clear()
-    runtime.barrier()
+        if curves is not None:
+            write_csv(curves / f"fold{fold}.csv", pd.DataFrame(history))
+    return (pd.concat(oof_parts) if oof_parts else None), fold_scores, speeds
 
 
 def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> pd.DataFrame:
@@ -289,12 +333,14 @@ def _report(
     oof: pd.DataFrame,
     fold_scores: dict,
     speeds: list[float],
+    spread: dict[int, dict],
     model_params: ModelParams,
     out: Path,
     metrics: Path,
     plots: Path,
 ) -> None:
-    """Out-of-fold metrics and calibration of the fold models; confusion and reliability data for DVC."""
+    """Out-of-fold metrics and calibration of the first seed's fold models, the spread of the out-of-fold
+    scores across seeds (``spread``: each seed's scores); confusion and reliability data for DVC."""
     scores = classification_metrics(list(oof["fine_class"]), list(oof["predicted"]))
     correct = (oof["fine_class"] == oof["predicted"]).to_numpy(float)
     write_json(
@@ -310,6 +356,7 @@ def _report(
                 "note": "temperatures fitted on these out-of-fold cells; metrics/evaluate holds the test split's ECE",
             },
             "folds": {k: _summary(v) for k, v in fold_scores.items()},
+            "seeds": {key: across_seeds({seed: v[key] for seed, v in spread.items()}) for key in SPREAD_KEYS},
             "train_images_per_second": float(np.mean(speeds)) if speeds else None,  # None: all resumed
             "conditions": conditions(),
         },

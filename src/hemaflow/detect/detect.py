@@ -18,7 +18,8 @@ from tqdm import tqdm
 from hemaflow._io import write_csv, write_json
 from hemaflow.data.images import MAX_FIELD_PIXELS, load_rgb
 from hemaflow.detect.detector import DetectorEnsemble, NoDetector, score_threshold
-from hemaflow.detect.metrics import detection_metrics
+from hemaflow.detect.metrics import ap50, detection_metrics
+from hemaflow.metrics import across_seeds
 from hemaflow.params import DetectParams, EvaluateParams, PredictParams
 from hemaflow.tables import BOX, DETECTION_COLUMNS, DETECTIONS_CARD, boxes, read_cells, read_images
 
@@ -67,15 +68,54 @@ def detect(
     write_json(out / DETECTIONS_CARD, {"detector": result["detector"], "score_threshold": threshold})
     for split in SPLITS:
         chosen = images[(images["split"] == split) & (images["field"] != "")]
-        rows, truth, predictions = [], {}, {}
-        for image in tqdm(chosen.itertuples(), total=len(chosen), desc=f"detect {split}", unit="field"):
-            found, scores = ensemble(load_rgb(Path(image.image), MAX_FIELD_PIXELS)[0], image.px_per_um)
-            keep = scores >= threshold
-            rows += detection_rows(image.image, found[keep], scores[keep])
-            predictions[image.image] = (found, scores)
-            truth[image.image] = boxes(cells[cells["image"] == image.image])
+        truth = {image: boxes(cells[cells["image"] == image]) for image in chosen["image"]}
+        predictions = _predict(ensemble, chosen, split)
+        rows = [
+            r for image, (found, s) in predictions.items() for r in detection_rows(image, *_above(found, s, threshold))
+        ]
         write_csv(out / f"{split}.csv", pd.DataFrame(rows, columns=DETECTION_COLUMNS))
         if sum(len(t) for t in truth.values()):
             scores = detection_metrics(truth, predictions, threshold, evaluation.bootstrap, evaluation.confidence, seed)
             result[split] = scores | {"fields": len(chosen)}
+    if "test" in result:
+        alone = not predict.extra_detectors  # then the test AP50 above is the first seed's own
+        first = {ensemble.detectors[0].seed: result["test"]["AP50"]} if alone else {}
+        result["seeds"] = _spread(first, model, images, cells, params, predict)
     write_json(metrics, result)
+
+
+def _above(found: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    keep = scores >= threshold
+    return found[keep], scores[keep]
+
+
+def _predict(ensemble: DetectorEnsemble, fields: pd.DataFrame, split: str) -> dict:
+    """Every box and score (unthresholded) on each field, keyed by image name."""
+    return {
+        image.image: ensemble(load_rgb(Path(image.image), MAX_FIELD_PIXELS)[0], image.px_per_um)
+        for image in tqdm(fields.itertuples(), total=len(fields), desc=f"detect {split}", unit="field")
+    }
+
+
+def _spread(
+    known: dict[int, float],
+    model: Path,
+    images: pd.DataFrame,
+    cells: pd.DataFrame,
+    params: DetectParams,
+    predict: PredictParams,
+) -> dict:
+    """Test AP50 of each training seed's detector alone (``known``: those already measured): mean and
+    standard deviation across seeds."""
+    fields = images[(images["split"] == "test") & (images["field"] != "")]
+    truth = {image: boxes(cells[cells["image"] == image]) for image in fields["image"]}
+    folders = [model, *sorted((model / "seeds").glob("seed*"), key=lambda f: int(f.name[4:]))]
+    scores = dict(known)
+    for folder in folders:
+        detector = DetectorEnsemble.load(
+            [(folder, 1.0)], predict.wbf_iou, params.tile_overlap, predict.batch_size, params.device
+        )
+        member = detector.detectors[0].seed
+        if member not in scores:
+            scores[member] = ap50(truth, _predict(detector, fields, f"test, seed {member}"))
+    return {"test_AP50": across_seeds(scores)}

@@ -94,6 +94,7 @@ class Detector:
     px_per_um: float  # the pixel size it was trained at
     score_threshold: float  # chosen on validation fields (detect.score_threshold: auto) or given
     device: torch.device
+    seed: int | None = None  # the training seed (base.seeds); None for a detector from elsewhere
 
     @classmethod
     def load(cls, model_dir: Path, device: str = "auto") -> Detector:
@@ -114,7 +115,15 @@ class Detector:
             {"type": "PackDetInputs", "meta_keys": ("img_id", "ori_shape", "img_shape", "scale_factor")},
         ]
         threshold = card.get("score_threshold", 0.0)
-        return cls(model.to(target).eval(), Compose(steps), card["input_px"], card["px_per_um"], threshold, target)
+        return cls(
+            model.to(target).eval(),
+            Compose(steps),
+            card["input_px"],
+            card["px_per_um"],
+            threshold,
+            target,
+            card.get("seed"),
+        )
 
     @torch.no_grad()
     def run_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -25,7 +25,7 @@ from hemaflow.metrics import (
     greedy_matches,
 )
 
-__all__ = ["MAX_DETECTIONS", "choose_threshold", "detection_metrics", "per_image_matches"]
+__all__ = ["MAX_DETECTIONS", "ap50", "choose_threshold", "detection_metrics", "per_image_matches"]
 
 Predictions = Mapping[str, tuple[Boxes, np.ndarray]]
 MAX_DETECTIONS = 100  # per image, as COCO's AP counts them
@@ -75,6 +75,11 @@ def per_image_matches(truth: Mapping[str, Boxes], predictions: Predictions) -> l
         top = np.argsort(-np.asarray(scores), kind="stable")[:MAX_DETECTIONS]
         out.append((np.asarray(scores)[top], greedy_matches(truth[name], found[top], scores[top]), len(truth[name])))
     return out
+
+
+def ap50(truth: Mapping[str, Boxes], predictions: Predictions) -> float:
+    """COCO AP at IoU 0.5 over every score (equal to pycocotools' AP50; tests/test_metrics.py)."""
+    return average_precision(per_image_matches(truth, predictions))
 
 
 def choose_threshold(truth: Mapping[str, Boxes], predictions: Predictions) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from hemaflow.detect.metrics import choose_threshold
 from hemaflow.errors import HemaflowError
 from hemaflow.params import DetectParams
 from hemaflow.resume import file_digest, fingerprint
-from hemaflow.runtime import select_device
+from hemaflow.runtime import seed_folder, select_device
 from hemaflow.tables import boxes, read_cells, read_images
 
 __all__ = ["checkpoint_loader", "reset_stale_work_dir", "train_detector"]
@@ -167,14 +168,16 @@ def train_detector(
     *,
     params: DetectParams,
     fields_px_per_um: float,
-    seed: int,
+    seeds: list[int],
     prepared: Path,
     work_dir: Path,
     out: Path,
     plots: Path,
 ) -> None:
-    """Train (or resume); export the best epoch to ``out`` with a model card that records the score
-    threshold chosen on the validation fields. Without smear fields in the data, the card says so."""
+    """Train (or resume) one detector per seed; export each best epoch with a model card that records
+    the score threshold chosen on the validation fields. The first seed's detector (``out``) is the
+    pipeline's, the others (``out/seeds/seed<s>``) measure the spread across seeds. Without smear
+    fields in the data, the card says so."""
     annotations = json.loads((prepared / "coco" / "train.json").read_text())["annotations"]
     if not annotations:
         work_dir.mkdir(parents=True, exist_ok=True)  # a declared output, empty: nothing to resume
@@ -183,34 +186,48 @@ def train_detector(
         return
     device = select_device(params.device, "detect.device").type
     _check_ops(device)
+    if device == "cpu":
+        _init_cpu_process_group()
+    for stale in work_dir.glob("*"):  # seeds no longer asked for
+        if stale.name not in {f"seed{seed}" for seed in seeds}:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    best = {seed: _fit(params, seed, prepared, work_dir / f"seed{seed}", device) for seed in seeds}
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    with atomic_dir(out) as staging:
+        for seed, (config, checkpoint) in best.items():
+            folder = seed_folder(staging, seed, seeds)
+            # RTMDet shares its head convs across levels; safetensors stores each name separately
+            write_tensors(folder / "best.safetensors", {k: v.clone() for k, v in checkpoint["state_dict"].items()})
+            card = {
+                "status": "trained",
+                "config": config,
+                "input_px": params.input_px,
+                "px_per_um": fields_px_per_um,
+                "seed": seed,
+                "epoch": checkpoint["meta"].get("epoch"),
+            }
+            write_json(folder / CARD, card)
+            write_json(folder / CARD, card | validation_threshold(folder, prepared, params, params.batch_size))
+    write_csv(plots / "curves.csv", _curves(work_dir / f"seed{seeds[0]}"))
+
+
+def _fit(params: DetectParams, seed: int, prepared: Path, work_dir: Path, device: str) -> tuple[dict, dict]:
+    """Train one seed's detector in ``work_dir`` (resuming it where it stopped): its config and best checkpoint."""
     _register_loader(work_dir)
     launcher = "pytorch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
     config = build_config(
         params=params, seed=seed, prepared=prepared, work_dir=work_dir, launcher=launcher, device=device
     )
-    if device == "cpu":
-        _init_cpu_process_group()
     data = [file_digest(prepared / "coco" / f"{split}.json") for split in ("train", "val")]
     key = fingerprint({k: v for k, v in config.items() if k != "launcher"}, data)
     if int(os.environ.get("RANK", "0")) == 0 and reset_stale_work_dir(work_dir, key):
         print(f"{work_dir}: params or data changed since its checkpoints; training from the start")
     if dist.is_initialized():
         dist.barrier()  # the other ranks must not read the work dir while rank 0 empties it
-    runner = Runner.from_cfg(Config(config))
-    runner.train()
-    if runner.rank != 0:
-        return
+    runner_config = Config(config)
+    # mmengine keeps one visualizer per name per process: a second seed's runner would log into the first's folder
+    runner_config.visualizer["name"] = f"visualizer_{work_dir.resolve()}_{time.monotonic_ns()}"
+    Runner.from_cfg(runner_config).train()
     checkpoint = checkpoint_loader(work_dir)(str(_best_checkpoint(work_dir)), "cpu")
-    with atomic_dir(out) as staging:
-        # RTMDet shares its head convs across levels; safetensors stores each name separately
-        write_tensors(staging / "best.safetensors", {k: v.clone() for k, v in checkpoint["state_dict"].items()})
-        card = {
-            "status": "trained",
-            "config": config,
-            "input_px": params.input_px,
-            "px_per_um": fields_px_per_um,
-            "epoch": checkpoint["meta"].get("epoch"),
-        }
-        write_json(staging / CARD, card)
-        write_json(staging / CARD, card | validation_threshold(staging, prepared, params, params.batch_size))
-    write_csv(plots / "curves.csv", _curves(work_dir))
+    return config, checkpoint

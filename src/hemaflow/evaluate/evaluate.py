@@ -24,11 +24,19 @@ import pandas as pd
 from tqdm import tqdm
 
 from hemaflow._io import write_csv, write_json
-from hemaflow.classify.inference import crops_at_boxes, ensemble_probabilities, fold_logits, load_ensemble
+from hemaflow.classify.inference import (
+    crops_at_boxes,
+    ensemble_probabilities,
+    fold_logits,
+    predict_crops,
+    seed_ensembles,
+)
 from hemaflow.data.classes import load_class_matrix
 from hemaflow.data.images import MAX_FIELD_PIXELS, load_rgb
 from hemaflow.metrics import (
     MISSED,
+    SPREAD_KEYS,
+    across_seeds,
     best_giou_matches,
     bootstrap_interval,
     classification_metrics,
@@ -128,6 +136,27 @@ def _crops(test: pd.DataFrame, detections: pd.DataFrame | None, prepared: Path, 
     return end_to_end, at_truth, rescaled
 
 
+def _spread(ensembles: dict, cells: pd.DataFrame, end_to_end: list, classify: ClassifyParams, device) -> dict:
+    """Macro-F1 and balanced accuracy of every training seed's ensemble on the same crops: mean and
+    standard deviation across seeds, overall and per domain."""
+    rows = [r for r, _ in end_to_end]
+    first, *others = ensembles
+    predicted = {first: cells["predicted"]}  # already predicted: the pipeline's ensemble
+    for seed in others:
+        ensemble = ensembles[seed]
+        probabilities = predict_crops(ensemble, [c for _, c in end_to_end], classify.tta, device)
+        predicted[seed] = cells["predicted"].copy()  # MISSED where no box was found: the same for every seed
+        predicted[seed].loc[rows] = np.array(ensemble[0][1].classes)[probabilities.argmax(1)]
+
+    def spread(part: pd.DataFrame) -> dict:
+        scores = {
+            seed: label_scores(*_coded(part["fine_class"], chosen[part.index])) for seed, chosen in predicted.items()
+        }
+        return {key: across_seeds({seed: v[key] for seed, v in scores.items()}) for key in SPREAD_KEYS}
+
+    return {"overall": spread(cells), "domains": {domain: spread(part) for domain, part in cells.groupby("domain")}}
+
+
 def _calibration(cells: pd.DataFrame) -> dict:
     """Expected calibration error of the chosen class on the test cells that were found."""
     found = cells[cells["predicted"] != MISSED]
@@ -193,7 +222,8 @@ def evaluate(
         write_csv(plots / "per_class_f1.csv", pd.DataFrame(columns=["class", "f1"]))
         write_csv(plots / "coverage.csv", pd.DataFrame(columns=["threshold", "coverage", "accuracy"]))
         return
-    ensemble = load_ensemble(classifier)
+    ensembles = seed_ensembles(classifier)
+    ensemble = next(iter(ensembles.values()))  # the pipeline's: the first seed's
     classes = np.array(ensemble[0][1].classes)
     device = select_device(classify.device, "classify.device")
     card = read_detections_card(detections)
@@ -226,6 +256,7 @@ def evaluate(
         if len(boxed):  # the classifier alone: the same cells at their true boxes
             at_box = boxed.drop(columns="rescaled_giou")
             result["domains"][domain]["at_true_boxes"] = score_cells(at_box, "predicted_at_true_box", evaluation, seed)
+    result["seeds"] = _spread(ensembles, cells, end_to_end, classify, device)
     result["calibration"] = _calibration(cells)
     result["review"] = _review(cells, review_below, plots)
     write_json(metrics, result)
