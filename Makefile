@@ -8,7 +8,7 @@ undefine VIRTUAL_ENV
 UV := python3 -m uv
 RUN := $(UV) run --frozen
 
-.PHONY: setup demo lint test test-fast bench
+.PHONY: setup browser demo lint test test-fast bench
 
 setup:
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
@@ -21,7 +21,13 @@ lint: setup
 	$(RUN) ruff format --check src tests benchmarks
 	$(RUN) ruff check src tests benchmarks
 
-test: lint
+# Headless Chromium for the test that the plots page draws offline (Debian's package; needs root).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "no chromium (apt-get install chromium): the offline plots page test is skipped"
+
+test: lint browser
 	$(RUN) pytest
 
 # The inner loop: lint and every test that trains nothing for more than seconds.

@@ -78,6 +78,14 @@ def test_compare_builds_the_table_with_intervals_and_a_report_whose_links_resolv
             {"ssim_luminance": 0.9, "kid_random_resnet18": {"source_to_target": kid, "translated_to_target": kid}},
         )
     _write(metrics / "detect.json", {"detector": "none", "reason": "no smear fields"})
+    per_class = {
+        "basophil": {"kept": 0.9, "cells": 10, "mostly_became": "monocyte", "mostly_became_share": 0.1},
+        "neutrophil": {"kept": 0.4, "cells": 10, "mostly_became": "lymphocyte", "mostly_became_share": 0.6},
+    }
+    _write(
+        metrics / "check_translations.json",
+        {"class_kept": {name: {"kept": 0.65, "per_class": per_class} for name in ("untranslated", "none", "reinhard")}},
+    )
     translated = tmp_path / "translated"
     for translation in ("none", "reinhard"):
         shutil.copytree(prepared, translated / translation)
@@ -105,7 +113,7 @@ def test_compare_builds_the_table_with_intervals_and_a_report_whose_links_resolv
     assert table["macro_f1_interval"]["reinhard"]["wbc1 (test)"] == pytest.approx([0.76, 0.86])
     text = report.read_text()
     assert "| reinhard | 0.9300 | 0.8100 [0.7600, 0.8600] |" in text and "No detector took part" in text
-    assert "0.8100 ± 0.0283 (2 seeds)" in text
+    assert "0.8100 ± 0.0283 (2 seeds)" in text and "neutrophil 0.40 (mostly became lymphocyte)" in text
     assert table["macro_f1_across_seeds"]["reinhard"]["wbc1 (test)"] == {"mean": 0.81, "std": 0.0283}
     assert all(p.exists() for p in _links(report)) and len(_links(report)) >= 4
 

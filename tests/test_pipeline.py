@@ -29,8 +29,8 @@ PIPELINE = params_data(
         },
     )
 )
-# one method whose training cells come through every translation stage (translate@none, then CycleGAN)
-PIPELINE["adapt"]["methods"] = {"cyclegan": {"translate": "cyclegan"}}
+# the baseline and one method whose training cells come through every translation stage (translate@none, then CycleGAN)
+PIPELINE["adapt"]["methods"] = {"none": {"translate": "none"}, "cyclegan": {"translate": "cyclegan"}}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_repro_builds_everything_then_does_nothing(workspace):
     assert data["missing_classes"]["acevedo"] == 1  # Acevedo_20 has no blasts, as in reality
     detect = json.loads((work / "metrics" / "detect.json").read_text())
     assert detect["threshold_from"] == "validation fields" and {"val", "test"} <= set(detect)
-    for method in ("cyclegan",):
+    for method in ("none", "cyclegan"):
         classify = json.loads((work / "metrics" / "classify" / f"{method}.json").read_text())
         assert classify["resolved_backbone"] == "resnet18" and classify["oof"]["cells"] > 0
         evaluation = json.loads((work / "metrics" / "evaluate" / f"{method}.json").read_text())
@@ -73,7 +73,9 @@ def test_repro_builds_everything_then_does_nothing(workspace):
         assert wbc1["macro_f1_interval"][0] <= wbc1["macro_f1"] <= wbc1["macro_f1_interval"][1]
         assert "cytologia" in wbc1 and "at_true_boxes" in wbc1
     table = json.loads((work / "metrics" / "cross_domain.json").read_text())
-    assert set(table["macro_f1"]) == {"cyclegan"} and "wbc1 (test)" in table["macro_f1"]["cyclegan"]
+    assert set(table["macro_f1"]) == {"none", "cyclegan"} and "wbc1 (test)" in table["macro_f1"]["cyclegan"]
+    kept = json.loads((work / "metrics" / "check_translations.json").read_text())["class_kept"]
+    assert set(kept) == {"untranslated", "none", "cyclegan"} and kept["none"]["kept_change"] == 0
     report = (work / "reports" / "README.md").read_text()
     assert "Cross-domain macro-F1" in report and (work / "plots" / "translate" / "domains.png").stat().st_size > 1000
 

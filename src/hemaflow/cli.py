@@ -104,7 +104,7 @@ def main(
     """hemaflow: every result rebuilt by `dvc repro` from versioned data.
 
     Stage commands (run by dvc.yaml, one per stage): demo-data, prepare, train-detector, detect,
-    crop, train-translator, translate, train-classifier, evaluate, compare. Tools: predict,
+    crop, train-translator, translate, train-classifier, evaluate, check-translations, compare. Tools: predict,
     classify, translate-images, data, params.
     """
     _state["debug"] = debug
@@ -386,14 +386,11 @@ def compare_command(
     from hemaflow.evaluate.compare import compare
 
     params = _load(params_file)
-    translations = [t.value for t in params.translate.methods]
-    if any(r.translate is Translation.cyclegan for r in params.adapt.methods.values()):
-        translations.append(Translation.cyclegan.value)
     with _user_errors():
         compare(
             methods=list(params.adapt.methods),
             deployed=params.adapt.deploy,
-            translations=translations,
+            translations=params.translations,
             metrics=metrics,
             prepared=prepared,
             translated=translated,
@@ -403,6 +400,36 @@ def compare_command(
             report=report,
         )
     typer.echo(f"cross-domain table -> {out}; report -> {report}")
+
+
+@app.command("check-translations")
+def check_translations_command(
+    crops: Annotated[Path, typer.Option(help="The crop stage's untranslated training cells.")],
+    translated: Annotated[Path, typer.Option(help="Folder of the translate stages' outputs.")],
+    classifier: Annotated[Path, typer.Option(help="Fold models trained on the untranslated cells (method none).")],
+    metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")],
+    plots: Annotated[Path, typer.Option(help="Folder for class_kept.csv.")],
+    params_file: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Check that each translation keeps the class (stage `check_translations`).
+
+    The classifier trained on untranslated source cells scores every translated source cell out of
+    fold; the share still given its true class, against that share on the untranslated cells, and
+    per class the class cells mostly became.
+    """
+    from hemaflow.evaluate.translations import check_translations
+
+    params = _load(params_file)
+    with _user_errors():
+        check_translations(
+            translations=params.translations,
+            classify=params.classify,
+            crops=crops,
+            translated=translated,
+            classifier=classifier,
+            metrics=metrics,
+            plots=plots,
+        )
 
 
 # ----------------------------------------------------------------------------------------------- tools

@@ -463,6 +463,12 @@ class Params(_Section):
                 "hold out a later fold"
             )
         has_target = any(d.role is Role.target for d in self.prepare.datasets)
+        baseline = self.adapt.methods.get("none")
+        if baseline is None or baseline.translate is not Translation.none:
+            raise ValueError(
+                "adapt.methods needs `none: {translate: none}`: the baseline every method is compared with, "
+                "whose classifier also checks that translations keep the class"
+            )
         for name, recipe in self.adapt.methods.items():
             if recipe.translate is not Translation.cyclegan and recipe.translate not in self.translate.methods:
                 raise ValueError(f"adapt.methods.{name}.translate={recipe.translate.value} is not in translate.methods")
@@ -477,6 +483,11 @@ class Params(_Section):
                 "(give one, or set translate.methods: [none] and translate.cyclegan.train: false)"
             )
         return self
+
+    @property
+    def translations(self) -> list[str]:
+        """Every translation the pipeline writes: ``translate.methods``, then cyclegan when it is trained."""
+        return [t.value for t in self.translate.methods] + (["cyclegan"] if self.translate.cyclegan.train else [])
 
 
 def _is_collection(path: tuple[str, ...]) -> bool:

@@ -158,6 +158,12 @@ def _test_spread(evaluation: dict) -> dict:
     return {d: v["macro_f1"] for d, v in evaluation.get("seeds", {}).get("domains", {}).items()}
 
 
+def _worst_class(per_class: dict) -> str:
+    label, worst = min(per_class.items(), key=lambda item: (item[1]["kept"], item[0]))
+    became = f" (mostly became {worst['mostly_became']})" if worst["mostly_became"] else ""
+    return f"{label} {worst['kept']:.2f}{became}"
+
+
 def _link(target: Path, report: Path) -> str:
     return Path(os.path.relpath(target, report.parent)).as_posix()
 
@@ -241,6 +247,7 @@ def _report(
             _markdown(pd.DataFrame(rows)),
             "",
         ]
+    kept = _read(metrics / "check_translations.json")["class_kept"]
     translation = pd.DataFrame(
         [
             {
@@ -248,16 +255,22 @@ def _report(
                 "SSIM (luminance)": m["ssim_luminance"],
                 "KID to target before": m["kid_random_resnet18"]["source_to_target"]["mean"],
                 "KID to target after": m["kid_random_resnet18"]["translated_to_target"]["mean"],
+                "class kept": kept[t]["kept"],
+                "worst class": _worst_class(kept[t]["per_class"]),
             }
             for t in translations
             for m in [_read(metrics / "translate" / f"{t}.json")]
+            if m.get("status") != "none"
         ]
     )
     lines += [
         "## Stain translation",
         "",
         "KID is computed on a fixed random ResNet-18's features (no Inception weights offline): compare",
-        "the rows with each other, not with published FID/KID values.",
+        "the rows with each other, not with published FID/KID values. *Class kept*: the share of",
+        "translated source cells that the classifier of the untranslated cells (method none, each cell",
+        f"out of fold) still gives their true class; on the untranslated cells it is {kept['untranslated']['kept']:.4f}.",
+        "*Worst class*: the class a translation keeps least, and what its cells mostly became.",
         "",
         _markdown(translation),
         "",
