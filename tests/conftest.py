@@ -8,11 +8,10 @@ runs everything. Real-data tests read ../shared/data and skip with the reason wh
 from __future__ import annotations
 
 import copy
-import os
 import shutil
-import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -241,10 +240,13 @@ def tiny_models(tiny_prepared, tmp_path_factory, worker_id) -> TinyModels:
 
 def kill_when(command: list[str], ready: Callable[[], bool], timeout: float = 600) -> None:
     """Start ``command`` and SIGKILL it as soon as ``ready()`` holds (an interrupted training)."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None and not ready():
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    with tempfile.TemporaryFile("w+") as stderr:  # a file, not a pipe: progress bars would fill a pipe and block
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline and process.poll() is None and not ready():
+            time.sleep(0.002)  # a tiny run's last epoch lasts a fraction of a second: poll often, and cheaply
+        if process.poll() is not None:
+            stderr.seek(0)
+            pytest.fail(f"{command[3]} ended (exit {process.returncode}) before it was killed: {stderr.read()[-2000:]}")
+        process.kill()
+        process.wait()
