@@ -1,6 +1,6 @@
 """`hemaflow predict` speed: milliseconds per 640x480 smear image, end to end (detect, crop, classify).
 
-Uses the trained `models/detector` and `models/classifier/<adapt.deploy>` (run `make demo`
+Uses the trained `models/detector` and `models/classifier/<adapt.deploy>` (with auto, the method `compare` chose) (run `make demo`
 first) on 640x480 images cut from the demo's target-domain fields. Run it on an idle machine.
 The device is `classify.device` / `detect.device` from params.yaml.
 Usage: `uv run python benchmarks/predict.py [--images 16]`.
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hemaflow.classify.adapt import deployed_method
 from hemaflow.params import load_params
 from hemaflow.predict import CellPipeline
 
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     args = parser.parse_args()
     params = load_params(REPO / "params.yaml")
-    method = params.adapt.deploy
+    method = deployed_method(params.adapt.deploy, REPO / "metrics" / "cross_domain.json")
     pipeline = CellPipeline.load(params, REPO / "models" / "detector", REPO / "models" / "classifier" / method)
     fields = sorted((REPO / "data" / "demo" / "wbc1_fields").glob("*.jpg"))
     mosaic = np.concatenate([np.asarray(Image.open(f).convert("RGB")) for f in fields[:8]], axis=1)

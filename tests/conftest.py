@@ -49,6 +49,17 @@ def merged(base: dict, overlay: dict) -> dict:
     return out
 
 
+def recipe(translate: str = "none", augment=(), adabn=False, self_training=None, few_shot=False) -> dict:
+    """One adaptation method as params.yaml spells it (adapt.methods.NAME)."""
+    return {
+        "translate": translate,
+        "augment": list(augment),
+        "adabn": adabn,
+        "self_training": self_training,
+        "few_shot": few_shot,
+    }
+
+
 def params_data(overlay: dict | None = None) -> dict:
     """The repository's params.yaml as a dict, with ``overlay`` merged in.
 
@@ -59,7 +70,7 @@ def params_data(overlay: dict | None = None) -> dict:
     if not any(d["role"] == "target" for d in data["prepare"]["datasets"]):
         data["translate"]["methods"] = ["none"]
         data["translate"]["cyclegan"]["train"] = False
-        data["adapt"] = {"methods": {"none": {"translate": "none"}}, "deploy": "none"}
+        data["adapt"] = {"methods": {"none": recipe()}, "deploy": "none"}
     return data
 
 
@@ -210,8 +221,10 @@ def _build_tiny_models(prepared: Path, params_file: Path, root: Path) -> None:
     train_classifier(
         model_params=p.model,
         params=p.classify,
+        recipe=p.adapt.methods["none"],
         seeds=p.base.seeds,
         cells=root / "none",
+        prepared=prepared,
         out=root / "classifier",
         metrics=root / "classify.json",
         plots=root / "classify_plots",

@@ -20,13 +20,17 @@ from hemaflow.evaluate.evaluate import evaluate
 pytestmark = pytest.mark.slow
 
 
-def _train_command(cells, params_file, out_root):
+def _train_command(cells, prepared, params_file, out_root):
     return hemaflow_command(
         "train-classifier",
         "--params",
         str(params_file),
+        "--method",
+        "none",
         "--cells",
         str(cells),
+        "--prepared",
+        str(prepared),
         "--out",
         str(out_root / "models"),
         "--metrics",
@@ -51,8 +55,10 @@ def test_same_params_same_models_and_a_second_seed_measures_the_spread(tiny_mode
     train_classifier(
         model_params=p.model,
         params=p.classify,
+        recipe=p.adapt.methods["none"],
         seeds=seeds,
         cells=tiny_models.cells,
+        prepared=tiny_models.prepared,
         out=tmp_path / "m",
         metrics=tmp_path / "metrics.json",
         plots=tmp_path / "plots",
@@ -121,8 +127,9 @@ def test_temperature_scaling_lowers_the_error_of_an_overconfident_model():
 
 
 def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tiny_models, tmp_path):
-    command = _train_command(tiny_models.cells, tiny_models.params_file, tmp_path)
-    state = tmp_path / "state" / "fold0.state.pt"
+    command = _train_command(tiny_models.cells, tiny_models.prepared, tiny_models.params_file, tmp_path)
+    first_seed = load(yaml.safe_load(tiny_models.params_file.read_text())).base.seeds[0]
+    state = tmp_path / "state" / f"seed{first_seed}" / "fold0.state.pt"
     kill_when(command, state.exists)  # saved (atomically) after the first epoch
     resumed = run(command)
     assert "resuming after epoch 1" in resumed.stdout + resumed.stderr
@@ -137,7 +144,7 @@ def test_torchrun_two_processes_on_gloo(tiny_models, tmp_path):
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        *_train_command(tiny_models.cells, tiny_models.params_file, tmp_path)[2:],
+        *_train_command(tiny_models.cells, tiny_models.prepared, tiny_models.params_file, tmp_path)[2:],
     ]
     run(command, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert (tmp_path / "models" / "fold0.safetensors").exists()
@@ -222,7 +229,7 @@ def test_real_acevedo_cells_train_end_to_end(tmp_path):
             str(tmp_path / "crop.json"),
         )
     )
-    run(_train_command(tmp_path / "crops", params, tmp_path / "run"))
+    run(_train_command(tmp_path / "crops", tmp_path / "prepared", params, tmp_path / "run"))
     card = json.loads((tmp_path / "run" / "models" / "fold0.json").read_text())
     assert {"platelet", "erythroblast", "monocyte", "neutrophil_banded"} <= set(card["classes"])
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["oof"]["cells"] > 0

@@ -178,7 +178,11 @@ def test_stage_commands_name_the_missing_input(tmp_path):
         app,
         [
             "train-classifier",
+            "--method",
+            "none",
             "--cells",
+            str(tmp_path / "nothing"),
+            "--prepared",
             str(tmp_path / "nothing"),
             "--out",
             str(tmp_path / "o"),

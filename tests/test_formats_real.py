@@ -130,3 +130,48 @@ def test_prepare_on_real_datasets_end_to_end(tmp_path):
     assert len(coco["annotations"]) == 71 + 100 and len(coco["images"]) == 72 + 100
     metrics = json.loads((tmp_path / "data.json").read_text())
     assert metrics["rejected"] == 0
+
+
+def test_one_folder_as_unlabelled_target_few_shot_slice_and_test_keeps_each_cell_once_per_role(tmp_path):
+    import pandas as pd
+
+    from conftest import load
+    from hemaflow.data.prepare import prepare
+
+    root = shared_dataset("cellavision_blog").parent
+    blog = {"format": "segmentation_wbc", "path": "cellavision_blog", "px_per_um": 10.0, "domain": "cellavision"}
+    params = load(
+        {
+            "prepare": {
+                "root": str(root),
+                "folds": 5,
+                "datasets": [
+                    {
+                        "name": "source",
+                        "format": "acevedo20",
+                        "path": "acevedo20_subset",
+                        "role": "source",
+                        "px_per_um": 10.0,
+                    },
+                    {"name": "blog", "role": "target", **blog},
+                    {"name": "blog_slice", "role": "target_labelled", "part": [0.0, 0.3], **blog},
+                    {"name": "blog_test", "role": "test", "part": [0.3, 1.0], **blog},
+                ],
+            }
+        }
+    ).prepare
+    prepare(params=params, seed=0, out=tmp_path / "prepared", metrics=tmp_path / "data.json", plots=tmp_path / "plots")
+    cells = pd.read_csv(tmp_path / "prepared" / "cells.csv", keep_default_na=False)
+    blog_cells = cells[cells["domain"] == "cellavision"]
+    assert blog_cells.groupby("dataset")["role"].agg(set).to_dict() == {
+        "blog": {"target"},
+        "blog_slice": {"target_labelled"},
+        "blog_test": {"test"},
+    }
+    counts = blog_cells["dataset"].value_counts()
+    assert counts["blog"] == 100 and counts["blog_slice"] + counts["blog_test"] == 100
+    assert 20 <= counts["blog_slice"] <= 40  # about 30 %
+    sliced = set(cells.loc[cells["dataset"] == "blog_slice", "image"])
+    assert not sliced & set(cells.loc[cells["dataset"] == "blog_test", "image"])  # disjoint parts
+    assert (blog_cells.loc[blog_cells["role"] == "target", "fine_class"] == "").all()  # the target stays unlabelled
+    assert set(cells.loc[cells["role"] == "target_labelled", "fold"]) <= set(range(5))

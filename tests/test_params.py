@@ -6,7 +6,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import REPO, params_data
+from conftest import REPO, params_data, recipe
 from hemaflow.cli import app
 from hemaflow.params import ParamsError, load_params, params_markdown, parse_params
 
@@ -54,8 +54,16 @@ def test_cross_section_rules():
         parse_params(data)
     with pytest.raises(ParamsError, match=r"adapt\.methods\.reinhard\.translate=reinhard is not in translate\.methods"):
         parse_params(params_data({"translate": {"methods": ["none"]}}))
-    with pytest.raises(ParamsError, match="deploy=nothing is not one of the methods"):
+    with pytest.raises(ParamsError, match="deploy=nothing is neither auto nor one of the methods"):
         parse_params(params_data({"adapt": {"deploy": "nothing"}}))
+    with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.few_shot needs a dataset with role: target_labelled"):
+        parse_params(params_data({"adapt": {"methods": {"few": recipe(few_shot=True)}}}))
+    data = params_data()
+    data["prepare"]["datasets"] = [d for d in data["prepare"]["datasets"] if d["role"] != "target"]
+    data["translate"] |= {"methods": ["none"], "cyclegan": data["translate"]["cyclegan"] | {"train": False}}
+    data["adapt"] = {"methods": {"none": recipe(), "adabn": recipe(adabn=True)}, "deploy": "auto"}
+    with pytest.raises(ParamsError, match=r"adapt\.methods\.adabn: adabn need\(s\) unlabelled target cells"):
+        parse_params(data)
 
 
 def test_missing_and_malformed_files_name_the_file(tmp_path):

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, TINY, merged, params_data
+from conftest import REPO, TINY, merged, params_data, recipe
 from hemaflow._scratch import scratch_env, scratch_repository
 
 pytestmark = pytest.mark.slow
@@ -24,13 +24,17 @@ PIPELINE = params_data(
             "detect": {"epochs": 4},  # boxes good enough to run every stage; detection quality is tested elsewhere
             "classify": {"epochs": 1},
             "translate": {"methods": ["none"]},
-            "adapt": {"deploy": "cyclegan"},
+            "adapt": {"deploy": "auto"},
             "evaluate": {"bootstrap": 200},
         },
     )
 )
-# the baseline and one method whose training cells come through every translation stage (translate@none, then CycleGAN)
-PIPELINE["adapt"]["methods"] = {"none": {"translate": "none"}, "cyclegan": {"translate": "cyclegan"}}
+# the baseline and one method whose training cells come through every translation stage (translate@none, then
+# CycleGAN) and that uses every unsupervised part of a recipe
+PIPELINE["adapt"]["methods"] = {
+    "none": recipe(),
+    "cyclegan": recipe("cyclegan", augment=["stain", "fda"], adabn=True, self_training=0.5),
+}
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +76,11 @@ def test_repro_builds_everything_then_does_nothing(workspace):
         assert wbc1["cells"] == len(pd.read_csv(work / "data" / "evaluated" / f"{method}.csv"))
         assert wbc1["macro_f1_interval"][0] <= wbc1["macro_f1"] <= wbc1["macro_f1_interval"][1]
         assert "cytologia" in wbc1 and "at_true_boxes" in wbc1
+    adapted = json.loads((work / "metrics" / "classify" / "cyclegan.json").read_text())["adaptation"]
+    assert adapted["adabn_layers"] > 0 and adapted["target_cells"] > 0 and "0" in adapted["self_training_cells"]
     table = json.loads((work / "metrics" / "cross_domain.json").read_text())
     assert set(table["macro_f1"]) == {"none", "cyclegan"} and "wbc1 (test)" in table["macro_f1"]["cyclegan"]
+    assert table["deployed_method"] in {"none", "cyclegan"} and "ATC" in table["deployed_because"]
     kept = json.loads((work / "metrics" / "check_translations.json").read_text())["class_kept"]
     assert set(kept) == {"untranslated", "none", "cyclegan"} and kept["none"]["kept_change"] == 0
     report = (work / "reports" / "README.md").read_text()

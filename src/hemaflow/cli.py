@@ -305,28 +305,36 @@ def translate_command(
 
 @app.command("train-classifier")
 def train_classifier_command(
+    method: Annotated[str, typer.Option(help="The adaptation method (a name in adapt.methods) whose recipe trains.")],
     cells: Annotated[Path, typer.Option(help="Training cells (a translate stage's output: cells.csv + crops).")],
+    prepared: Annotated[Path, typer.Option(help="Prepared folder (the target cells the recipe may use).")],
     out: Annotated[Path, typer.Option(help="Folder for the fold models (.safetensors + .json).")],
     metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")],
     plots: Annotated[Path, typer.Option(help="Folder for curves, the confusion data and the reliability diagram.")],
     state: Annotated[Path, typer.Option(help="Per-epoch training states, for resuming.")],
     params_file: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Train k-fold timm classifiers on cell crops (stage `train_classifier@METHOD`).
+    """Train k-fold timm classifiers on cell crops for one adaptation method (stage `train_classifier@METHOD`).
 
-    Architecture from `model`, training from `classify`. Out-of-fold scores and calibration
-    (temperature per fold, fitted on its held-out fold). An interrupted run resumes from its last
-    epoch. Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel.
+    Architecture from `model`, training from `classify`, the method's recipe (augmentation toward
+    the target, AdaBN, self-training, few-shot) from `adapt.methods.METHOD`. Out-of-fold scores and
+    calibration (temperature per fold, fitted on its held-out fold); an estimate of target accuracy
+    without target labels. An interrupted run resumes from its last epoch. Under `torchrun
+    --nproc_per_node N` it trains with DistributedDataParallel.
     """
     from hemaflow.classify.train import train_classifier
 
     params = _load(params_file, backbone=True)
     with _user_errors():
+        if method not in params.adapt.methods:
+            raise HemaflowError(f"--method {method}: not in adapt.methods ({', '.join(params.adapt.methods)})")
         train_classifier(
             model_params=params.model,
             params=params.classify,
+            recipe=params.adapt.methods[method],
             seeds=params.base.seeds,
             cells=cells,
+            prepared=prepared,
             out=out,
             metrics=metrics,
             plots=plots,
@@ -445,7 +453,10 @@ def predict_command(
     ] = None,
     detector: Annotated[Path, typer.Option(help="Folder of the trained detector.")] = Path("models/detector"),
     classifier: Annotated[
-        Path | None, typer.Option(help="Classifier folder [default: models/classifier/<adapt.deploy>].")
+        Path | None,
+        typer.Option(
+            help="Classifier folder [default: models/classifier/<adapt.deploy>; with auto, the method compare chose]."
+        ),
     ] = None,
     boxes_only: Annotated[
         bool, typer.Option("--boxes-only", help="Detect only: no classifier, empty class column.")
@@ -460,12 +471,13 @@ def predict_command(
     relative to the folder given (its file name for a file given directly). Extra detectors and
     classifiers come from `predict` in params.yaml. Rows stream to disk: folders of any size fit.
     """
+    from hemaflow.classify.adapt import deployed_method
     from hemaflow.data.images import expand_images
     from hemaflow.predict import CellPipeline, image_names, predict_images
 
     params = _load(params_file, backbone=not boxes_only, detector=True)
     with _user_errors():
-        chosen = None if boxes_only else classifier or Path("models/classifier") / params.adapt.deploy
+        chosen = None if boxes_only else classifier or Path("models/classifier") / deployed_method(params.adapt.deploy)
         pipeline = CellPipeline.load(params, detector, chosen)
         paths = expand_images(images)
         summary = predict_images(pipeline, paths, image_names(paths, images), px_per_um, out, annotated)
@@ -483,7 +495,10 @@ def classify_command(
     images: Annotated[list[Path], typer.Argument(help="Single-cell images, or folders of them.")],
     out: Annotated[Path, typer.Option(help="CSV to write: image, class, confidence, one column per class.")],
     models: Annotated[
-        Path | None, typer.Option(help="Folder of fold models [default: models/classifier/<adapt.deploy>].")
+        Path | None,
+        typer.Option(
+            help="Folder of fold models [default: models/classifier/<adapt.deploy>; with auto, the method compare chose]."
+        ),
     ] = None,
     px_per_um: Annotated[
         float | None,
@@ -494,12 +509,13 @@ def classify_command(
 ) -> None:
     """Classify single-cell images with the fold ensemble (+ flip TTA), calibrated probabilities."""
     from hemaflow._io import write_csv
+    from hemaflow.classify.adapt import deployed_method
     from hemaflow.classify.inference import classify_images
     from hemaflow.runtime import select_device
 
     params = _load(params_file, backbone=True)
     with _user_errors():
-        chosen = models or Path("models/classifier") / params.adapt.deploy
+        chosen = models or Path("models/classifier") / deployed_method(params.adapt.deploy)
         table = classify_images(
             images,
             chosen,

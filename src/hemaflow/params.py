@@ -33,6 +33,7 @@ __all__ = [
     "DetectorModelParams",
     "EnsembleMember",
     "EvaluateParams",
+    "FdaParams",
     "FieldParams",
     "ModelParams",
     "Params",
@@ -41,6 +42,7 @@ __all__ = [
     "PrepareParams",
     "Recipe",
     "Role",
+    "StainAugmentParams",
     "TrainingCropParams",
     "Translation",
     "TranslateParams",
@@ -108,6 +110,7 @@ class Role(str, Enum):
 
     source = "source"  # labelled: trains detector and classifier
     target = "target"  # unlabelled target domain: only adaptation sees it
+    target_labelled = "target_labelled"  # a small labelled slice of the target: few-shot training, choosing the method
     test = "test"  # labelled, held out: evaluation only, never trained on
 
 
@@ -137,7 +140,8 @@ class DatasetParams(_Section):
     path: str
     """Folder, relative to ``prepare.root``."""
     role: Role
-    """source (labelled training data), target (unlabelled, adaptation only) or test (labelled, evaluation only)."""
+    """source (labelled training data), target (unlabelled, adaptation only), target_labelled (a small labelled
+    slice of the target: few-shot training and choosing the method) or test (labelled, evaluation only)."""
     px_per_um: PositiveFloat | Literal["auto"]
     """Physical scale in pixels per micrometre (Acevedo_20 10, Matek_19 13.8, WBC1 11.52); auto: estimated from red-cell diameters (recorded in metrics/data.json)."""
     domain: str | None = None
@@ -146,6 +150,17 @@ class DatasetParams(_Section):
     """Native label -> fine class, or null to drop the rows (reported); wins over classes.yaml."""
     subset: str | None = None
     """An official split file to read (BCCD: ImageSets/Main/<subset>.txt)."""
+    part: tuple[Fraction, Fraction] | None = None
+    """Keep only the images whose fixed pseudo-random position (a hash of the file name) lies in
+    [start, end): two entries of one dataset with [0, 0.25] and [0.25, 1] split it into disjoint
+    parts, e.g. a labelled target slice (role target_labelled) and the test split."""
+
+    @field_validator("part")
+    @classmethod
+    def _ordered(cls, part: tuple[float, float] | None) -> tuple[float, float] | None:
+        if part is not None and part[0] >= part[1]:
+            raise ValueError(f"part [{part[0]}, {part[1]}]: start must be below end")
+        return part
 
     @property
     def domain_name(self) -> str:
@@ -326,10 +341,35 @@ class TranslateParams(_Section):
 
 
 class Recipe(_Section):
-    """One adaptation method: a row of the cross-domain table."""
+    """One adaptation method: a row of the cross-domain table. The parts combine freely."""
 
     translate: Translation
     """How the training cells are translated first."""
+    augment: list[Literal["stain", "fda"]]
+    """Training augmentation toward other labs: ``stain`` = strong stain, colour and scale jitter
+    (classify.augment.stain); ``fda`` = Fourier domain adaptation, the low-frequency amplitude of a
+    random unlabelled target cell swapped in (classify.augment.fda)."""
+    adabn: bool
+    """After training, re-estimate batch-norm statistics on the unlabelled target cells (AdaBN):
+    no labels, seconds of compute; models without batch norm are left as they are."""
+    self_training: Fraction | None
+    """A second training round that adds the unlabelled target cells the first round's calibrated
+    confidence puts at or above this value, with their predicted class; null: off."""
+    few_shot: bool
+    """Also train on the labelled target slice (datasets with role: target_labelled)."""
+
+    @field_validator("augment")
+    @classmethod
+    def _once_each(cls, augment: list[str]) -> list[str]:
+        if len(set(augment)) != len(augment):
+            raise ValueError("an augmentation is listed twice")
+        return augment
+
+    @property
+    def needs_target(self) -> list[str]:
+        """The parts of the recipe that look at unlabelled target cells."""
+        parts = [f"augment {a}" for a in self.augment if a == "fda"]
+        return parts + ["adabn"] * self.adabn + ["self_training"] * (self.self_training is not None)
 
 
 class AdaptParams(_Section):
@@ -338,12 +378,14 @@ class AdaptParams(_Section):
     methods: dict[Annotated[str, Field(pattern=r"^[a-z0-9_]+$")], Recipe]
     """Name -> recipe; each gets a train_classifier and an evaluate stage."""
     deploy: str
-    """The method `hemaflow predict` uses by default."""
+    """The method `hemaflow predict` uses by default, or ``auto``: the one ``compare`` chose without
+    test labels (best on the labelled target slice when there is one, else the highest estimated
+    target accuracy; metrics/cross_domain.json)."""
 
     @model_validator(mode="after")
     def _deployed_is_compared(self) -> AdaptParams:
-        if self.deploy not in self.methods:
-            raise ValueError(f"deploy={self.deploy} is not one of the methods ({', '.join(self.methods)})")
+        if self.deploy != "auto" and self.deploy not in self.methods:
+            raise ValueError(f"deploy={self.deploy} is neither auto nor one of the methods ({', '.join(self.methods)})")
         return self
 
 
@@ -358,6 +400,31 @@ class ModelParams(_Section):
     """A local .safetensors/.pth to start from; null: random initialisation. Never a download."""
     drop_rate: Fraction
     """Dropout before the classifier head."""
+
+
+class StainAugmentParams(_Section):
+    """The ``stain`` augmentation of an adaptation recipe: other labs' stains, cameras and scales."""
+
+    p: Fraction
+    """Probability of each of its transforms."""
+    hed_scale: Annotated[float, Field(ge=0, lt=1)]
+    """Haematoxylin/eosin intensity scaled by 1 +- this (albumentations HEStain; Tellez et al. 2019)."""
+    hed_shift: Annotated[float, Field(ge=0, lt=1)]
+    """... and shifted by +- this."""
+    hue_shift: Annotated[int, Field(ge=0, le=180)]
+    saturation_shift: Annotated[int, Field(ge=0, le=255)]
+    scale_range: Annotated[float, Field(ge=0, lt=1)]
+    """Scale jitter (+-): a lab's pixel size is never known exactly."""
+
+
+class FdaParams(_Section):
+    """The ``fda`` augmentation of an adaptation recipe (Yang and Soatto 2020, albumentations FDA)."""
+
+    p: Fraction
+    beta_limit: Annotated[float, Field(gt=0, le=0.5)]
+    """Largest share of the spectrum (low frequencies) taken from the target cell."""
+    reference_cells: PositiveInt
+    """Unlabelled target cells the amplitudes are drawn from."""
 
 
 class AugmentParams(_Section):
@@ -380,6 +447,8 @@ class AugmentParams(_Section):
     """0 disables mixup."""
     cutmix_alpha: Annotated[float, Field(ge=0)]
     """0 disables cutmix."""
+    stain: StainAugmentParams
+    fda: FdaParams
 
 
 class ClassifyParams(_Section):
@@ -469,7 +538,15 @@ class Params(_Section):
                 "adapt.methods needs `none: {translate: none}`: the baseline every method is compared with, "
                 "whose classifier also checks that translations keep the class"
             )
+        roles = {d.role for d in self.prepare.datasets}
         for name, recipe in self.adapt.methods.items():
+            if recipe.needs_target and Role.target not in roles:
+                raise ValueError(
+                    f"adapt.methods.{name}: {', '.join(recipe.needs_target)} need(s) unlabelled target cells "
+                    "(a dataset with role: target)"
+                )
+            if recipe.few_shot and Role.target_labelled not in roles:
+                raise ValueError(f"adapt.methods.{name}.few_shot needs a dataset with role: target_labelled")
             if recipe.translate is not Translation.cyclegan and recipe.translate not in self.translate.methods:
                 raise ValueError(f"adapt.methods.{name}.translate={recipe.translate.value} is not in translate.methods")
             if recipe.translate is Translation.cyclegan and not self.translate.cyclegan.train:

@@ -14,14 +14,42 @@ from torch.utils.data import Dataset, Sampler
 from hemaflow.params import AugmentParams
 from hemaflow.tables import read_crop
 
-__all__ = ["CellDataset", "EpochSampler", "build_transform", "class_weights"]
+__all__ = ["FDA_REFERENCES", "CellDataset", "EpochSampler", "build_transform", "class_weights"]
+
+FDA_REFERENCES = "fda_metadata"  # the transform's metadata key: unlabelled target cells, RGB uint8
 
 
 def build_transform(
-    img_size: int, mean: Sequence[float], std: Sequence[float], augment: AugmentParams | None
+    img_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: AugmentParams | None,
+    toward_target: Sequence[str] = (),
 ) -> A.Compose:
-    """Resize to the network input, optional augmentation, then the backbone's normalisation."""
+    """Resize to the network input, optional augmentation, then the backbone's normalisation.
+
+    ``toward_target`` adds an adaptation recipe's augmentations (``stain``, ``fda``); ``fda`` draws
+    its amplitudes from the reference cells that ``CellDataset`` passes (``FDA_REFERENCES``).
+    """
     steps: list[A.BasicTransform] = [A.Resize(img_size, img_size, interpolation=cv2.INTER_AREA)]
+    if augment is not None and "fda" in toward_target:  # the target's look first; the jitter below then varies it
+        fda = augment.fda
+        steps.append(A.FDA(beta_limit=(0, fda.beta_limit), metadata_key=FDA_REFERENCES, p=fda.p))
+    if augment is not None and "stain" in toward_target:
+        stain = augment.stain
+        steps += [
+            A.HEStain(
+                method="random_preset",
+                intensity_scale_range=(1 - stain.hed_scale, 1 + stain.hed_scale),
+                intensity_shift_range=(-stain.hed_shift, stain.hed_shift),
+                p=stain.p,
+            ),
+            A.HueSaturationValue(stain.hue_shift, stain.saturation_shift, 20, p=stain.p),
+            A.PlanckianJitter(p=stain.p),
+            A.Affine(
+                scale=(1 - stain.scale_range, 1 + stain.scale_range), border_mode=cv2.BORDER_REFLECT_101, p=stain.p
+            ),
+        ]
     if augment is not None:
         steps += [
             A.HorizontalFlip(p=augment.hflip),
@@ -56,15 +84,23 @@ class CellDataset(Dataset):
     Returns (C x H x W float tensor, label).
     """
 
-    def __init__(self, crops: Sequence[Path | np.ndarray], labels: Sequence[int], transform: A.Compose):
+    def __init__(
+        self,
+        crops: Sequence[Path | np.ndarray],
+        labels: Sequence[int],
+        transform: A.Compose,
+        references: Sequence[np.ndarray] = (),
+    ):
         self.crops, self.labels, self.transform = list(crops), list(labels), transform
+        self.metadata = {FDA_REFERENCES: list(references)} if len(references) else {}
 
     def __len__(self) -> int:
         return len(self.crops)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         crop = self.crops[index]
-        array = self.transform(image=crop if isinstance(crop, np.ndarray) else read_crop(crop))["image"]
+        image = crop if isinstance(crop, np.ndarray) else read_crop(crop)
+        array = self.transform(image=image, **self.metadata)["image"]
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), self.labels[index]
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -31,15 +32,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hemaflow._io import write_csv, write_json
+from hemaflow.classify.adapt import adapt_batch_norm, average_thresholded_confidence, confident_pseudo_labels
 from hemaflow.classify.data import CellDataset, EpochSampler, build_transform, class_weights
 from hemaflow.classify.inference import predict_logits
 from hemaflow.classify.model import ModelCard, create_classifier, resolve_backbone, save_classifier
 from hemaflow.errors import HemaflowError
 from hemaflow.metrics import SPREAD_KEYS, across_seeds, classification_metrics, expected_calibration_error
-from hemaflow.params import ClassifyParams, ModelParams
+from hemaflow.params import ClassifyParams, ModelParams, Recipe
 from hemaflow.resume import TrainingState, file_digest, fingerprint
 from hemaflow.runtime import Runtime, autocast, conditions, seed_folder
-from hemaflow.tables import labelled, read_cells
+from hemaflow.tables import labelled, read_cells, read_crop
 
 __all__ = ["fit_temperature", "train_classifier"]
 
@@ -59,18 +61,11 @@ def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def _fit_fold(
-    fold: int,
-    train: pd.DataFrame,
-    val: pd.DataFrame,
-    classes: list[str],
-    model_params: ModelParams,
-    params: ClassifyParams,
-    seed: int,
-    cells_dir: Path,
-    state: TrainingState,
-    runtime: Runtime,
+    job: _Job, fold: int, train: pd.DataFrame, val: pd.DataFrame, state: TrainingState
 ) -> tuple[nn.Module, ModelCard, list[dict], float | None]:
-    """Train one fold (resuming a matching saved state); return model, card, history, images/s."""
+    """Train one fold on ``train`` (``path`` and ``fine_class`` columns), resuming a matching saved
+    state; return model, card, history (validation on ``val``), images/s."""
+    model_params, params, seed, runtime, classes = job.model_params, job.params, job.seed, job.runtime, job.classes
     torch.manual_seed(seed + fold)
     index = {c: i for i, c in enumerate(classes)}
     model, card = create_classifier(model_params, len(classes))
@@ -80,10 +75,10 @@ def _fit_fold(
         runtime.device, memory_format=torch.channels_last if cuda and params.channels_last else torch.preserve_format
     )
     train_labels = [index[c] for c in train["fine_class"]]
-    augment = build_transform(card.img_size, card.mean, card.std, params.augment)
+    augment = build_transform(card.img_size, card.mean, card.std, params.augment, job.recipe.augment)
     plain = build_transform(card.img_size, card.mean, card.std, None)
-    train_set = CellDataset([cells_dir / p for p in train["crop"]], train_labels, augment)
-    val_set = CellDataset([cells_dir / p for p in val["crop"]], [index[c] for c in val["fine_class"]], plain)
+    train_set = CellDataset(list(train["path"]), train_labels, augment, job.references)
+    val_set = CellDataset(list(val["path"]), [index[c] for c in val["fine_class"]], plain)
     weights = class_weights(train_labels, len(classes))
     sample_weights = weights[train_labels] if params.balance == "sampler" else None
     sampler = EpochSampler(len(train_set), seed + fold, sample_weights, runtime.rank, runtime.world_size)
@@ -196,49 +191,89 @@ def _fit_fold(
     return model, card, history, (seen / seconds if seconds else None)
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What every fold of one seed's training shares."""
+
+    model_params: ModelParams
+    params: ClassifyParams
+    recipe: Recipe
+    seed: int
+    classes: list[str]
+    target: pd.DataFrame  # unlabelled target cells (``path``): AdaBN, self-training, the accuracy estimate
+    references: list[np.ndarray]  # target cells at the input size, for the fda augmentation
+    data_hash: str
+    runtime: Runtime
+
+
 def train_classifier(
     *,
     model_params: ModelParams,
     params: ClassifyParams,
+    recipe: Recipe,
     seeds: list[int],
     cells: Path,
+    prepared: Path,
     out: Path,
     metrics: Path,
     plots: Path,
     state: Path,
 ) -> None:
-    """Train the fold models on the labelled source cells of ``cells/cells.csv``; write models, metrics and plots.
+    """Train the fold models of one adaptation method; write models, metrics and plots.
 
+    The labelled source cells of ``cells/cells.csv`` (a translation's output) train; the target
+    cells of ``prepared`` serve the recipe (unlabelled ones for fda, AdaBN and self-training, the
+    labelled slice for few-shot training) and the scores that choose a method without test labels.
     The first seed's fold models (``out/fold*``) are the pipeline's; every further seed trains the
     same folds again (``out/seeds/seed<s>``) so that metrics can report the spread across seeds.
     ``state`` keeps per-epoch training states so that an interrupted run resumes.
     """
     runtime = Runtime.start(params.device, "classify.device")
-    source = labelled(read_cells(cells, "translate"), "source")
+    source = _with_paths(labelled(read_cells(cells, "translate"), "source"), cells)
     if source.empty:
         raise HemaflowError(f"{cells / 'cells.csv'}: no labelled source cells to train on")
-    classes = sorted(set(source["fine_class"]))
-    data_hash = file_digest(cells / "cells.csv")
+    everything = read_cells(prepared)
+    target = _with_paths(everything[everything["role"] == "target"], prepared)
+    few_shot = _with_paths(labelled(everything, "target_labelled"), prepared)
+    if recipe.needs_target and target.empty:
+        raise HemaflowError(f"{prepared / 'cells.csv'}: no target cells for {', '.join(recipe.needs_target)}")
+    classes = sorted(set(source["fine_class"]) | (set(few_shot["fine_class"]) if recipe.few_shot else set()))
+    data_hash = fingerprint(file_digest(cells / "cells.csv"), file_digest(prepared / "cells.csv"))
     out.mkdir(parents=True, exist_ok=True)
     if runtime.main:
         _remove_stale_models(out, params.folds, seeds)
     runs = {}
     for seed in seeds:
+        references = _references(target, params, model_params.img_size, seed) if "fda" in recipe.augment else []
+        job = _Job(model_params, params, recipe, seed, classes, target, references, data_hash, runtime)
         curves = plots / "curves" if seed == seeds[0] else None
-        folder, run_state = seed_folder(out, seed, seeds), state / f"seed{seed}"
-        runs[seed] = _train_folds(
-            source, classes, model_params, params, seed, cells, folder, curves, run_state, data_hash, runtime
-        )
+        runs[seed] = _train_folds(job, source, few_shot, seed_folder(out, seed, seeds), curves, state / f"seed{seed}")
     if runtime.main:
-        oof, fold_scores, speeds = runs[seeds[0]]
+        first = runs[seeds[0]]
         spread = {
-            seed: classification_metrics(list(o["fine_class"]), list(o["predicted"])) for seed, (o, *_) in runs.items()
+            seed: classification_metrics(list(r.oof["fine_class"]), list(r.oof["predicted"]))
+            for seed, r in runs.items()
         }
-        _report(classes, oof, fold_scores, speeds, spread, model_params, out, metrics, plots)
+        _report(classes, first, spread, model_params, recipe, out, metrics, plots)
         for seed in seeds:
             for fold in range(params.folds):
-                TrainingState(state / f"seed{seed}" / f"fold{fold}.state.pt", "").clear()
+                for round_ in ("", ".self_training"):
+                    TrainingState(state / f"seed{seed}" / f"fold{fold}{round_}.state.pt", "").clear()
     runtime.barrier()
+
+
+def _with_paths(cells: pd.DataFrame, folder: Path) -> pd.DataFrame:
+    """``cells`` with ``path``: each crop's file (crops are relative to the folder of their table)."""
+    return cells.assign(path=[folder / c for c in cells["crop"]])
+
+
+def _references(target: pd.DataFrame, params: ClassifyParams, img_size: int, seed: int) -> list[np.ndarray]:
+    """A fixed random draw of unlabelled target cells at the network input size (fda's amplitudes)."""
+    chosen = np.random.default_rng(seed).permutation(len(target))[: params.augment.fda.reference_cells]
+    return [
+        cv2.resize(read_crop(target["path"].iloc[i]), (img_size, img_size), interpolation=cv2.INTER_AREA)
+        for i in sorted(chosen)
+    ]
 
 
 def _remove_stale_models(out: Path, folds: int, seeds: list[int]) -> None:
@@ -252,63 +287,105 @@ def _remove_stale_models(out: Path, folds: int, seeds: list[int]) -> None:
                 stale.unlink()
 
 
+@dataclass
+class _Run:
+    """One seed's fold models, as measured."""
+
+    oof: pd.DataFrame | None = None  # source cells, each predicted by the fold model that held it out
+    few_shot: pd.DataFrame | None = None  # the labelled target slice, likewise
+    fold_scores: dict = field(default_factory=dict)
+    speeds: list[float] = field(default_factory=list)
+    target_probabilities: list[np.ndarray] = field(default_factory=list)  # per fold, calibrated
+    pseudo_labels: dict = field(default_factory=dict)  # per fold: target cells added by self-training
+    adapted_layers: int = 0  # batch-norm layers AdaBN re-estimated, per model
+
+
+def _probabilities(job: _Job, model: nn.Module, card: ModelCard, paths: list[Path], temperature: float) -> np.ndarray:
+    """Calibrated class probabilities of one model for crop files (N x classes)."""
+    if not paths:
+        return np.zeros((0, len(job.classes)))
+    return _softmax(_logits(job, model, card, paths), temperature)
+
+
 def _train_folds(
-    source: pd.DataFrame,
-    classes: list[str],
-    model_params: ModelParams,
-    params: ClassifyParams,
-    seed: int,
-    cells: Path,
-    out: Path,
-    curves: Path | None,
-    state: Path,
-    data_hash: str,
-    runtime: Runtime,
-) -> tuple[pd.DataFrame | None, dict, list[float]]:
-    """One seed's fold models, saved in ``out`` (learning curves in ``curves``, if given): (out-of-fold
-    predictions, per-fold scores, training images per second)."""
-    oof_parts, fold_scores, speeds = [], {}, []
+    job: _Job, source: pd.DataFrame, few_shot: pd.DataFrame, out: Path, curves: Path | None, state: Path
+) -> _Run:
+    """One seed's fold models, saved in ``out`` (learning curves in ``curves``, if given)."""
+    params, recipe, runtime, classes = job.params, job.recipe, job.runtime, job.classes
+    run, oof_parts, few_shot_parts = _Run(), [], []
     for fold in range(params.folds):
         train, val = source[source["fold"] != fold], source[source["fold"] == fold]
         if val.empty:
             raise HemaflowError(f"classify: fold {fold} has no labelled source cells; lower classify.folds")
+        if recipe.few_shot:
+            train = pd.concat([train, few_shot[few_shot["fold"] != fold]])
         key = fingerprint(
-            model_params.model_dump(), params.model_dump(exclude={"num_workers", "device"}), seed, fold, data_hash
+            job.model_params.model_dump(),
+            params.model_dump(exclude={"num_workers", "device"}),
+            recipe.model_dump(exclude={"adabn"}),
+            job.seed,
+            fold,
+            job.data_hash,
         )
-        fold_state = TrainingState(state / f"fold{fold}.state.pt", key)
         model, card, history, speed = _fit_fold(
-            fold, train, val, classes, model_params, params, seed, cells, fold_state, runtime
+            job, fold, train, val, TrainingState(state / f"fold{fold}.state.pt", key)
         )
+        if recipe.self_training is not None:  # a second round with the confident target cells, labelled as predicted
+            first_round = _probabilities(job, model, card, list(job.target["path"]), 1.0)
+            rows, labels = confident_pseudo_labels(first_round, classes, recipe.self_training)
+            run.pseudo_labels[str(fold)] = len(rows)
+            pseudo = job.target.iloc[rows].assign(fine_class=labels)
+            model, card, history, speed = _fit_fold(
+                job,
+                fold,
+                pd.concat([train, pseudo]),
+                val,
+                TrainingState(state / f"fold{fold}.self_training.state.pt", fingerprint(key, list(rows), labels)),
+            )
         if speed is not None:
-            speeds.append(speed)
+            run.speeds.append(speed)
         if not runtime.main:
             continue
-        plain = build_transform(card.img_size, card.mean, card.std, None)
-        val_set = CellDataset([cells / p for p in val["crop"]], [0] * len(val), plain)
-        logits = predict_logits(model, DataLoader(val_set, 64), runtime.device, params.tta)
-        truth = np.array([classes.index(c) for c in val["fine_class"]])
-        temperature = fit_temperature(logits, truth)
+        logits = _logits(job, model, card, list(val["path"]))
+        temperature = fit_temperature(logits, np.array([classes.index(c) for c in val["fine_class"]]))
         predicted = [classes[i] for i in logits.argmax(1)]
-        fold_scores[str(fold)] = classification_metrics(list(val["fine_class"]), predicted)
+        run.fold_scores[str(fold)] = classification_metrics(list(val["fine_class"]), predicted)
         raw, calibrated = _softmax(logits), _softmax(logits, temperature)
         oof_parts.append(val.assign(predicted=predicted, confidence_raw=raw.max(1), confidence=calibrated.max(1)))
+        if recipe.adabn:  # the saved model is the one deployed on the target: its statistics
+            plain = build_transform(card.img_size, card.mean, card.std, None)
+            target_set = CellDataset(list(job.target["path"]), [0] * len(job.target), plain)
+            run.adapted_layers = adapt_batch_norm(model, DataLoader(target_set, 64), runtime.device)
+        run.target_probabilities.append(_probabilities(job, model, card, list(job.target["path"]), temperature))
+        held_out = few_shot[few_shot["fold"] == fold]
+        slice_probabilities = _probabilities(job, model, card, list(held_out["path"]), temperature)
+        few_shot_parts.append(held_out.assign(predicted=[classes[i] for i in slice_probabilities.argmax(1)]))
         card = replace(
             card,
             temperature=temperature,
             extra={
                 "fold": fold,
-                "seed": seed,
-                "val": fold_scores[str(fold)],
+                "seed": job.seed,
+                "val": run.fold_scores[str(fold)],
                 "history": history,
-                "model_params": model_params.model_dump(),
+                "model_params": job.model_params.model_dump(),
                 "classify_params": params.model_dump(mode="json"),
+                "recipe": recipe.model_dump(mode="json"),
             },
         )
         save_classifier(model.cpu(), card, out / f"fold{fold}")
         model.to(runtime.device)
         if curves is not None:
             write_csv(curves / f"fold{fold}.csv", pd.DataFrame(history))
-    return (pd.concat(oof_parts) if oof_parts else None), fold_scores, speeds
+    if oof_parts:
+        run.oof, run.few_shot = pd.concat(oof_parts), pd.concat(few_shot_parts)
+    return run
+
+
+def _logits(job: _Job, model: nn.Module, card: ModelCard, paths: list[Path]) -> np.ndarray:
+    plain = build_transform(card.img_size, card.mean, card.std, None)
+    loader = DataLoader(CellDataset(paths, [0] * len(paths), plain), 64)
+    return predict_logits(model, loader, job.runtime.device, job.params.tta)
 
 
 def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> pd.DataFrame:
@@ -330,34 +407,55 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> 
 
 def _report(
     classes: list[str],
-    oof: pd.DataFrame,
-    fold_scores: dict,
-    speeds: list[float],
+    run: _Run,
     spread: dict[int, dict],
     model_params: ModelParams,
+    recipe: Recipe,
     out: Path,
     metrics: Path,
     plots: Path,
 ) -> None:
     """Out-of-fold metrics and calibration of the first seed's fold models, the spread of the out-of-fold
-    scores across seeds (``spread``: each seed's scores); confusion and reliability data for DVC."""
+    scores across seeds (``spread``: each seed's scores), what the adaptation did and the scores that
+    choose a method without test labels; confusion and reliability data for DVC."""
+    oof = run.oof
     scores = classification_metrics(list(oof["fine_class"]), list(oof["predicted"]))
     correct = (oof["fine_class"] == oof["predicted"]).to_numpy(float)
+    target_confidence = np.mean(run.target_probabilities, axis=0).max(1) if len(run.target_probabilities[0]) else None
+    few_shot = run.few_shot
     write_json(
         metrics,
         {
             "backbone": model_params.backbone,
             "resolved_backbone": resolve_backbone(model_params.backbone),
             "classes": len(classes),
+            "recipe": recipe.model_dump(mode="json"),
             "oof": _summary(scores) | {"cells": len(oof)},
             "calibration": {
                 "ece_before": expected_calibration_error(oof["confidence_raw"].to_numpy(), correct),
                 "ece_after": expected_calibration_error(oof["confidence"].to_numpy(), correct),
                 "note": "temperatures fitted on these out-of-fold cells; metrics/evaluate holds the test split's ECE",
             },
-            "folds": {k: _summary(v) for k, v in fold_scores.items()},
+            "folds": {k: _summary(v) for k, v in run.fold_scores.items()},
             "seeds": {key: across_seeds({seed: v[key] for seed, v in spread.items()}) for key in SPREAD_KEYS},
-            "train_images_per_second": float(np.mean(speeds)) if speeds else None,  # None: all resumed
+            "adaptation": {
+                "target_cells": 0 if target_confidence is None else len(target_confidence),
+                "adabn_layers": run.adapted_layers,
+                "self_training_cells": run.pseudo_labels,
+            },
+            # how compare chooses a method without test labels (never read here: no test cell is loaded)
+            "selection": {
+                "atc_target_accuracy": None
+                if target_confidence is None
+                else average_thresholded_confidence(oof["confidence"].to_numpy(), correct, target_confidence),
+                "target_labelled_cells": len(few_shot),
+                "target_labelled_macro_f1": classification_metrics(
+                    list(few_shot["fine_class"]), list(few_shot["predicted"])
+                )["macro_f1"]
+                if len(few_shot)
+                else None,
+            },
+            "train_images_per_second": float(np.mean(run.speeds)) if run.speeds else None,  # None: all resumed
             "conditions": conditions(),
         },
     )

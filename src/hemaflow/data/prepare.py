@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import zlib
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,6 +96,11 @@ def _estimated(dataset: DatasetParams, images: list[Path], seed: int) -> tuple[D
     return dataset.model_copy(update={"px_per_um": estimate.px_per_um}), record, finding
 
 
+def _position(name: str) -> float:
+    """A fixed pseudo-random position in [0, 1) for an image name (``DatasetParams.part``)."""
+    return zlib.crc32(name.encode()) / 2**32
+
+
 def _collect_jobs(
     params: PrepareParams, matrix: ClassMatrix, seed: int
 ) -> tuple[list[_ImageJob], list[Finding], dict[str, dict]]:
@@ -126,6 +132,8 @@ def _collect_jobs(
                 by_image[ann.image].append(cell)
         for name in result.background_images:
             by_image.setdefault(name, [])
+        if dataset.part is not None:
+            by_image = {n: cells for n, cells in by_image.items() if dataset.part[0] <= _position(n) < dataset.part[1]}
         is_field = any(a.box is not None for a in annotations) or bool(result.background_images)
         if dataset.px_per_um == "auto":
             dataset, scales[dataset.name], finding = _estimated(
@@ -363,8 +371,12 @@ def prepare(*, params: PrepareParams, seed: int, out: Path, metrics: Path, plots
             raise HemaflowError("prepare: no usable image in any dataset (see the findings above)")
         images["fold"] = -1
         source = images["role"] == Role.source.value
+        # the labelled target slice gets folds too: each fold model is scored on slice cells it never saw
+        few_shot = images["role"] == Role.target_labelled.value
         try:
-            images.loc[source, "fold"] = assign_folds(list(images.loc[source, "strata"]), params.folds, seed)
+            for chosen in (source, few_shot):
+                if chosen.any():
+                    images.loc[chosen, "fold"] = assign_folds(list(images.loc[chosen, "strata"]), params.folds, seed)
         except ValueError as exc:
             raise HemaflowError(f"prepare: {exc}") from None
         if params.test_fold is not None:  # a fold of the labelled source held out as the test split
@@ -374,7 +386,9 @@ def prepare(*, params: PrepareParams, seed: int, out: Path, metrics: Path, plots
         images["split"] = np.where(source, np.where(images["fold"] == params.val_fold, "val", "train"), images["role"])
         images = images.drop(columns="strata")
         cells = pd.DataFrame(cell_rows, columns=[c for c in CELL_COLUMNS if c not in ("fold", "split")])
-        cells = cells.drop(columns="role").merge(images[["image", "role", "fold", "split"]], on="image", how="left")
+        # one image file may serve several datasets (a target's unlabelled and test parts): key on both
+        placed = images[["dataset", "image", "role", "fold", "split"]]
+        cells = cells.drop(columns="role").merge(placed, on=["dataset", "image"], how="left", validate="many_to_one")
         cells = cells[CELL_COLUMNS]
         write_cells(staging, cells)
         write_csv(staging / "images.csv", images)

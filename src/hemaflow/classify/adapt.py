@@ -1,0 +1,101 @@
+"""Unsupervised adaptation around a trained classifier: AdaBN, confident pseudo-labels, an
+estimate of target accuracy without target labels, and the choice of a method from such scores.
+
+Pure functions of arrays and models (``train_classifier`` and ``compare`` call them), and the
+reading of the choice for ``hemaflow predict``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from hemaflow.errors import HemaflowError
+
+__all__ = [
+    "adapt_batch_norm",
+    "average_thresholded_confidence",
+    "choose_method",
+    "confident_pseudo_labels",
+    "deployed_method",
+]
+
+
+@torch.no_grad()
+def adapt_batch_norm(model: nn.Module, loader: DataLoader, device: torch.device) -> int:
+    """AdaBN (Li et al. 2018): replace every batch-norm layer's running mean and variance by those of
+    the images in ``loader`` (the unlabelled target cells); weights stay as trained. Returns the number
+    of layers adapted (0: the model has no batch norm, and is unchanged)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return 0
+    model.eval()  # dropout and the rest stay in inference mode
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average over every batch, not an exponential one
+        layer.train()
+    for images, _ in loader:
+        model(images.to(device))
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+    model.eval()
+    return len(layers)
+
+
+def confident_pseudo_labels(
+    probabilities: np.ndarray, classes: Sequence[str], threshold: float
+) -> tuple[np.ndarray, list[str]]:
+    """(row indices, classes) of the cells whose highest probability is at or above ``threshold``."""
+    confidence = probabilities.max(1) if len(probabilities) else np.zeros(0)
+    rows = np.flatnonzero(confidence >= threshold)
+    return rows, [classes[i] for i in probabilities[rows].argmax(1)]
+
+
+def average_thresholded_confidence(
+    source_confidence: np.ndarray, source_correct: np.ndarray, target_confidence: np.ndarray
+) -> float:
+    """Estimated target accuracy, ATC (Garg et al. 2022): the confidence threshold above which the
+    share of out-of-fold source cells equals their accuracy, then the share of target cells above it."""
+    accuracy = float(np.mean(source_correct))
+    threshold = float(np.quantile(source_confidence, 1 - accuracy)) if accuracy < 1 else -np.inf
+    return float(np.mean(target_confidence > threshold))
+
+
+def choose_method(selection: dict[str, dict]) -> tuple[str, str]:
+    """The adaptation method to deploy, from each method's ``selection`` scores (train_classifier's
+    metrics: no test label is among them) -> (method, why).
+
+    With a labelled target slice, the best out-of-fold macro-F1 on it: the target's own labels,
+    however few, beat any proxy. Without one, the highest ATC estimate of target accuracy: it needs
+    no target label, and where ATC was measured (Garg et al. 2022) its error under natural shift is
+    a few points, smaller than the gaps between adaptation methods here. Ties go to the method
+    listed first in adapt.methods."""
+    methods = list(selection)
+    if any(s["target_labelled_macro_f1"] is not None for s in selection.values()):
+        best = max(methods, key=lambda m: -1.0 if (v := selection[m]["target_labelled_macro_f1"]) is None else v)
+        score = selection[best]["target_labelled_macro_f1"]
+        cells = selection[best]["target_labelled_cells"]
+        return best, f"best macro-F1 on the labelled target slice ({score:.4f}, {cells} cells, out of fold)"
+    if any(s["atc_target_accuracy"] is not None for s in selection.values()):
+        best = max(methods, key=lambda m: -1.0 if (v := selection[m]["atc_target_accuracy"]) is None else v)
+        return (
+            best,
+            f"highest estimated target accuracy without target labels (ATC {selection[best]['atc_target_accuracy']:.4f})",
+        )
+    return methods[0], "no target cells to choose by: the first method"
+
+
+def deployed_method(deploy: str, cross_domain: Path = Path("metrics/cross_domain.json")) -> str:
+    """``adapt.deploy``, or where it is ``auto`` the method the ``compare`` stage chose."""
+    if deploy != "auto":
+        return deploy
+    if not cross_domain.exists():
+        raise HemaflowError(f"{cross_domain}: missing; adapt.deploy is auto, so run `dvc repro compare` to choose")
+    return json.loads(cross_domain.read_text())["deployed_method"]

@@ -1,0 +1,132 @@
+"""Adaptation around a classifier: AdaBN, pseudo-labels, and choosing a method without test labels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import load, recipe
+from hemaflow.classify.adapt import adapt_batch_norm, choose_method, confident_pseudo_labels
+from hemaflow.classify.train import train_classifier
+from hemaflow.params import Recipe
+
+
+def _spot_images(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grey 8x8 images; class 1 has a bright centre. Its brightness, not its shape, is the cue."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, count)
+    images = 0.3 + 0.05 * rng.standard_normal((count, 1, 8, 8))
+    images[labels == 1, :, 3:5, 3:5] += 0.4
+    return torch.tensor(images, dtype=torch.float32), torch.tensor(labels)
+
+
+def _trained_spot_classifier() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
+    images, labels = _spot_images(512, 0)
+    optimizer = torch.optim.Adam(model.parameters(), 0.05)
+    for _ in range(60):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    return model.eval()
+
+
+def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(images).argmax(1) == labels).float().mean())
+
+
+def test_adabn_repairs_a_contrast_and_brightness_shift_and_touches_only_batch_norm_statistics():
+    model = _trained_spot_classifier()
+    images, labels = _spot_images(400, 1)
+    shifted = 0.5 * images + 0.6  # another camera: lower contrast, brighter
+    assert _accuracy(model, images, labels) > 0.95
+    assert _accuracy(model, shifted, labels) < 0.7  # the shift breaks the unadapted model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    layers = adapt_batch_norm(model, DataLoader(TensorDataset(shifted, labels), 64), torch.device("cpu"))
+
+    assert layers == 1 and not model.training
+    assert _accuracy(model, shifted, labels) > 0.95  # no label was used
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}  # every weight as trained
+    assert model[1].momentum == 0.1
+
+
+def test_adabn_leaves_a_model_without_batch_norm_unchanged():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, labels = _spot_images(32, 2)
+    assert adapt_batch_norm(model, DataLoader(TensorDataset(images, labels), 8), torch.device("cpu")) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_pseudo_labels_only_above_the_threshold():
+    probabilities = np.array([[0.95, 0.05], [0.6, 0.4], [0.1, 0.9], [0.2, 0.8]])
+    rows, labels = confident_pseudo_labels(probabilities, ["a", "b"], 0.9)
+    assert list(rows) == [0, 2] and labels == ["a", "b"]
+    rows, labels = confident_pseudo_labels(probabilities, ["a", "b"], 0.99)
+    assert len(rows) == 0 and labels == []
+
+
+def _selection(atc, slice_f1=None):
+    return {
+        "atc_target_accuracy": atc,
+        "target_labelled_cells": 0 if slice_f1 is None else 50,
+        "target_labelled_macro_f1": slice_f1,
+    }
+
+
+def test_a_labelled_target_slice_outranks_the_unsupervised_estimate():
+    unlabelled = {"none": _selection(0.5), "stain": _selection(0.7), "adabn": _selection(0.6)}
+    assert choose_method(unlabelled)[0] == "stain"
+    labelled = {"none": _selection(0.5, 0.4), "stain": _selection(0.7, 0.5), "adabn": _selection(0.6, 0.8)}
+    method, why = choose_method(labelled)
+    assert method == "adabn" and "labelled target slice (0.8000, 50 cells" in why
+
+
+@pytest.mark.slow
+def test_the_scores_that_choose_a_method_never_read_a_test_label(tiny_models, tmp_path):
+    """Relabel every test cell: the selection scores, and so the choice, stay exactly the same."""
+    p = load(yaml.safe_load(tiny_models.params_file.read_text()))
+    cells = pd.read_csv(tiny_models.prepared / "cells.csv", keep_default_na=False)
+    assert (cells["role"] == "test").any() and (cells["role"] == "target").any()
+    relabelled = tmp_path / "relabelled"
+    relabelled.mkdir()
+    (relabelled / "crops").symlink_to(tiny_models.prepared / "crops")
+    test = cells["role"] == "test"
+    cells.loc[test, "fine_class"] = np.roll(cells.loc[test, "fine_class"].to_numpy(), 1)
+    cells.to_csv(relabelled / "cells.csv", index=False)
+    selections = []
+    for prepared in (tiny_models.prepared, relabelled):
+        metrics = tmp_path / prepared.name / "metrics.json"
+        train_classifier(
+            model_params=p.model,
+            params=p.classify.model_copy(update={"epochs": 1}),
+            recipe=Recipe(**recipe(adabn=True)),
+            seeds=p.base.seeds,
+            cells=tiny_models.cells,
+            prepared=prepared,
+            out=tmp_path / prepared.name / "models",
+            metrics=metrics,
+            plots=tmp_path / prepared.name / "plots",
+            state=tmp_path / prepared.name / "state",
+        )
+        selections.append(json.loads(metrics.read_text())["selection"])
+    assert selections[0] == selections[1] and selections[0]["atc_target_accuracy"] is not None
