@@ -94,7 +94,16 @@ TINY = {
     # ~9 training fields: 30 short epochs (about a minute) are what it takes to propose real boxes
     "detect": {"epochs": 30, "batch_size": 4},
     "translate": {
-        "cyclegan": {"img_size": 32, "ngf": 8, "ndf": 8, "n_blocks": 1, "epochs": 1, "epochs_decay": 1, "batch_size": 4}
+        "cyclegan": {
+            "train": True,  # the translator tests train it; the demo params leave it off
+            "img_size": 32,
+            "ngf": 8,
+            "ndf": 8,
+            "n_blocks": 1,
+            "epochs": 1,
+            "epochs_decay": 1,
+            "batch_size": 4,
+        }
     },
 }
 

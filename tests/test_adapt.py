@@ -13,7 +13,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import load, recipe
-from hemaflow.classify.adapt import adapt_batch_norm, choose_method, confident_pseudo_labels
+from hemaflow.classify.adapt import (
+    adapt_batch_norm,
+    average_thresholded_confidence,
+    choose_method,
+    confident_pseudo_labels,
+)
 from hemaflow.classify.train import train_classifier
 from hemaflow.params import Recipe
 
@@ -130,3 +135,8 @@ def test_the_scores_that_choose_a_method_never_read_a_test_label(tiny_models, tm
         )
         selections.append(json.loads(metrics.read_text())["selection"])
     assert selections[0] == selections[1] and selections[0]["atc_target_accuracy"] is not None
+
+
+def test_atc_counts_target_cells_less_sure_than_every_source_cell_as_errors_even_at_full_source_accuracy():
+    source, correct = np.array([0.8, 0.9, 0.95]), np.ones(3, bool)
+    assert average_thresholded_confidence(source, correct, np.array([0.5, 0.85, 0.99, 0.7])) == 0.5

@@ -63,8 +63,9 @@ def average_thresholded_confidence(
 ) -> float:
     """Estimated target accuracy, ATC (Garg et al. 2022): the confidence threshold above which the
     share of out-of-fold source cells equals their accuracy, then the share of target cells above it."""
-    accuracy = float(np.mean(source_correct))
-    threshold = float(np.quantile(source_confidence, 1 - accuracy)) if accuracy < 1 else -np.inf
+    # at 100 % source accuracy the threshold is the least confident source cell, not minus infinity:
+    # target cells less sure than every source cell still count as errors
+    threshold = float(np.quantile(source_confidence, 1 - float(np.mean(source_correct))))
     return float(np.mean(target_confidence > threshold))
 
 
