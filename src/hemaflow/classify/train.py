@@ -34,7 +34,7 @@ from tqdm import tqdm
 from hemaflow._io import write_csv, write_json
 from hemaflow.classify.adapt import adapt_batch_norm, average_thresholded_confidence, confident_pseudo_labels
 from hemaflow.classify.data import CellDataset, EpochSampler, build_transform, class_weights
-from hemaflow.classify.inference import predict_logits
+from hemaflow.classify.inference import fold_logits, predict_logits
 from hemaflow.classify.model import ModelCard, create_classifier, resolve_backbone, save_classifier
 from hemaflow.errors import HemaflowError
 from hemaflow.metrics import SPREAD_KEYS, across_seeds, classification_metrics, expected_calibration_error
@@ -383,9 +383,7 @@ def _train_folds(
 
 
 def _logits(job: _Job, model: nn.Module, card: ModelCard, paths: list[Path]) -> np.ndarray:
-    plain = build_transform(card.img_size, card.mean, card.std, None)
-    loader = DataLoader(CellDataset(paths, [0] * len(paths), plain), 64)
-    return predict_logits(model, loader, job.runtime.device, job.params.tta)
+    return fold_logits([(model, card)], paths, job.params.tta, job.runtime.device)[0]
 
 
 def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> pd.DataFrame:

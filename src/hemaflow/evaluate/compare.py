@@ -33,11 +33,11 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _table(methods: Sequence[str], metrics: Path) -> pd.DataFrame:
+def _table(methods: Sequence[str], metrics: Path, trained: dict[str, dict]) -> pd.DataFrame:
     """One row per (method, column): macro-F1 (fine), its interval, and the coarse macro-F1."""
     rows = []
     for method in methods:
-        oof = _read(metrics / "classify" / f"{method}.json")["oof"]
+        oof = trained[method]["oof"]
         rows.append(
             {
                 "method": method,
@@ -123,8 +123,9 @@ def compare(
 
     ``deployed`` names the method ``hemaflow predict`` uses, or is ``auto``: then it is chosen from
     the classifiers' selection scores (metrics/classify), never from the test split."""
-    table = _table(methods, metrics)
-    selection = {m: _read(metrics / "classify" / f"{m}.json")["selection"] for m in methods}
+    trained = {m: _read(metrics / "classify" / f"{m}.json") for m in methods}
+    table = _table(methods, metrics, trained)
+    selection = {m: trained[m]["selection"] for m in methods}
     deployed, because = choose_method(selection) if deployed == "auto" else (deployed, "set in adapt.deploy")
     evaluations = {m: _read(metrics / "evaluate" / f"{m}.json") for m in methods}
     scored = {m: e["overall"]["macro_f1"] for m, e in evaluations.items() if e.get("status") != "none"}
