@@ -202,6 +202,34 @@ def test_raabin_sets_and_class_folders_in_any_case(tmp_path):
     _one_line_error(F.raabin, tmp_path, "TestB", match="no set TestB/")
 
 
+def test_raabin_smear_fields_take_their_json_boxes_and_the_experts_agreement(tmp_path):
+    _image(tmp_path / "fields" / "a.jpg", (80, 60))
+    _image(tmp_path / "fields" / "b.jpg", (80, 60))
+    _image(tmp_path / "fields" / "c.jpg", (80, 60))
+    cell = {"Label1": "neutrophil", "Label2": "Neutrophil", "x1": "10", "y1": "5", "x2": "40", "y2": "35"}
+    disputed = {"Label1": "Lymphocyte", "Label2": "Monocyte", "x1": 45, "y1": 10, "x2": 70, "y2": 40}
+    (tmp_path / "jsons").mkdir()
+    (tmp_path / "jsons" / "a.json").write_text(json.dumps({"Cell Numbers": 2, "Cell_0": cell, "Cell_1": disputed}))
+    (tmp_path / "jsons" / "b.json").write_text(json.dumps({"Cell Numbers": 1, "Cell_0": {**cell, "x2": "oops"}}))
+    (tmp_path / "jsons" / "c.json").write_text("{not json")
+    (tmp_path / "jsons" / "d.json").write_text(json.dumps({"Cell Numbers": 0}))
+    result = read_dataset(F.raabin, tmp_path)
+    assert [(a.image, a.box, a.label) for a in result.annotations] == [
+        ("fields/a.jpg", (10.0, 5.0, 40.0, 35.0), "Neutrophil"),
+        ("fields/a.jpg", (45.0, 10.0, 70.0, 40.0), None),
+    ]
+    found = {(f.row, f.reason) for f in result.findings}
+    assert found == {
+        ("jsons/a.json#Cell_1", "experts_disagree"),
+        ("jsons/b.json#Cell_0", "invalid_box"),
+        ("jsons/c.json", "unreadable_annotation"),
+        ("jsons/d.json", "missing_image"),
+    }
+    (tmp_path / "jsons" / "a.json").write_text("[]")
+    (tmp_path / "fields" / "a.jpg").unlink()
+    _one_line_error(F.raabin, tmp_path, match="expected Raabin-WBC smear fields")
+
+
 def test_lisc_boxes_come_from_the_ground_truth_masks(tmp_path):
     _image(tmp_path / "Main Dataset" / "Baso" / "1.bmp", (72, 58))
     _image(tmp_path / "Main Dataset" / "neut" / "2.bmp", (72, 58))

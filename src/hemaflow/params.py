@@ -126,7 +126,7 @@ class DatasetFormat(str, Enum):
     coco = "coco"  # annotations json + images
     segmentation_wbc = "segmentation_wbc"  # NNN.bmp + NNN.png mask + labels CSV (both datasets of the repository)
     hida = "hida"  # Help a hematologist out: Datasets/{Acevedo_20,Matek_19,WBC1,WBC2} (subset picks one)
-    raabin = "raabin"  # Raabin-WBC cropped cells: {Train,TestA,TestB}/<Class>/*.jpg
+    raabin = "raabin"  # Raabin-WBC: cropped cells {Train,TestA,TestB}/<Class>/*.jpg, or fields with <name>.json boxes
     lisc = "lisc"  # LISC: 720x576 fields in class folders + Ground Truth masks
 
 

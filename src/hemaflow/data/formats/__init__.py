@@ -156,21 +156,21 @@ def read_table(path: Path, columns: Mapping[str, tuple[str, ...]]) -> pd.DataFra
 SUBSETS: dict[DatasetFormat, str] = {
     DatasetFormat.bccd: "an official split: ImageSets/Main/<subset>.txt (train, val, test, trainval)",
     DatasetFormat.hida: "one of the challenge's datasets: Acevedo_20, Matek_19, WBC1, WBC2",
-    DatasetFormat.raabin: "one of the released sets: Train, TestA, TestB",
+    DatasetFormat.raabin: "one of the released sets of cropped cells (Train, TestA, TestB) or a folder of smear fields",
     DatasetFormat.segmentation_wbc: "Dataset 1 or Dataset 2 of the repository's layout",
 }
 
 
 def read_dataset(fmt: DatasetFormat, root: Path, subset: str | None = None) -> ReadResult:
     """Read a dataset's annotations in its native layout; raise LayoutError (one line) on a wrong layout."""
-    from hemaflow.data.formats import bccd, coco, cytologia, folders, lisc, segmentation_wbc
+    from hemaflow.data.formats import bccd, coco, cytologia, folders, lisc, raabin, segmentation_wbc
 
     readers: dict[DatasetFormat, Callable[[Path, str | None], ReadResult]] = {
         DatasetFormat.acevedo20: folders.read_acevedo20,
         DatasetFormat.matek19: folders.read_matek19,
         DatasetFormat.hematologist: folders.read_hematologist,
         DatasetFormat.hida: folders.read_hida,
-        DatasetFormat.raabin: folders.read_raabin,
+        DatasetFormat.raabin: raabin.read,
         DatasetFormat.unlabelled: folders.read_unlabelled,
         DatasetFormat.cytologia: cytologia.read,
         DatasetFormat.bccd: bccd.read,

@@ -8,8 +8,6 @@
 - ``hida``: the challenge's ``Datasets/`` folder; ``subset`` picks ``Acevedo_20`` or ``Matek_19``
   (class folders with the challenge's 11 names; ``Ace_20`` / ``Mat_19`` accepted) or ``WBC1`` /
   ``WBC2`` (unlabelled ``DATA-VAL`` / ``DATA-TEST``), as the MIC-DKFZ starter code reads it.
-- ``raabin``: Raabin-WBC's cropped cells, ``<set>/<Class>/*.jpg`` with sets ``Train``, ``TestA``,
-  ``TestB`` (``subset``) and classes Basophil, Eosinophil, Lymphocyte, Monocyte, Neutrophil.
 - ``unlabelled``: any folder tree of single-cell images (WBC1/WBC2 ``DATA-VAL``).
 """
 
@@ -20,7 +18,7 @@ from pathlib import Path
 from hemaflow.data.classes import load_class_matrix
 from hemaflow.data.formats import Annotation, LayoutError, ReadResult, list_images
 
-__all__ = ["read_acevedo20", "read_hematologist", "read_hida", "read_matek19", "read_raabin", "read_unlabelled"]
+__all__ = ["class_folders", "read_acevedo20", "read_hematologist", "read_hida", "read_matek19", "read_unlabelled"]
 
 PBC_RELEASE = "PBC_dataset_normal_DIB"
 HIDA_SETS = {
@@ -32,14 +30,13 @@ HIDA_SETS = {
     "wbc2": "WBC2",
 }
 HIDA_UNLABELLED = {"WBC1": "DATA-VAL", "WBC2": "DATA-TEST"}
-RAABIN_SETS = ("Train", "TestA", "TestB")
 
 
 def _subfolders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _class_folders(
+def class_folders(
     root: Path, vocabulary: str, refine_by_prefix: bool = False, prefix: str = "", fold_case: bool = False
 ) -> ReadResult:
     """One annotation per image of every class folder; labels are the folder names (or file prefixes)."""
@@ -78,17 +75,17 @@ def read_acevedo20(root: Path, subset: str | None = None) -> ReadResult:
     prefix = ""
     if (root / PBC_RELEASE).is_dir() and len(_subfolders(root)) == 1:  # the path names the release's top folder
         root, prefix = root / PBC_RELEASE, f"{PBC_RELEASE}/"
-    return _class_folders(root, "acevedo20", refine_by_prefix=True, prefix=prefix)
+    return class_folders(root, "acevedo20", refine_by_prefix=True, prefix=prefix)
 
 
 def read_matek19(root: Path, subset: str | None = None) -> ReadResult:
     _no_subset(root, subset, "matek19")
-    return _class_folders(root, "matek19")
+    return class_folders(root, "matek19")
 
 
 def read_hematologist(root: Path, subset: str | None = None) -> ReadResult:
     _no_subset(root, subset, "hematologist")
-    return _class_folders(root, "hematologist")
+    return class_folders(root, "hematologist")
 
 
 def read_unlabelled(root: Path, subset: str | None = None, prefix: str = "") -> ReadResult:
@@ -113,16 +110,4 @@ def read_hida(root: Path, subset: str | None = None) -> ReadResult:
         inner = folder / HIDA_UNLABELLED[name]
         chosen, prefix = (inner, f"{name}/{inner.name}/") if inner.is_dir() else (folder, f"{name}/")
         return read_unlabelled(chosen, prefix=prefix)
-    return _class_folders(folder, "hematologist", prefix=f"{name}/")
-
-
-def read_raabin(root: Path, subset: str | None = None) -> ReadResult:
-    """Raabin-WBC's cropped cells: the class folders of one set (``subset``), or of ``root`` itself."""
-    sets = [s for s in RAABIN_SETS if (root / s).is_dir()]
-    if subset is not None:
-        if not (root / subset).is_dir():
-            raise LayoutError(f"{root}: no set {subset}/ (sets found: {', '.join(sets) or 'none'})")
-        return _class_folders(root / subset, "raabin", prefix=f"{subset}/", fold_case=True)
-    if sets:
-        raise LayoutError(f"{root}: holds the sets {', '.join(sets)}: choose one with subset")
-    return _class_folders(root, "raabin", fold_case=True)
+    return class_folders(folder, "hematologist", prefix=f"{name}/")
