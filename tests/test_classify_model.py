@@ -60,7 +60,7 @@ def test_checkpoint_errors_are_clear(tmp_path):
     with pytest.raises(HemaflowError, match="not found"):
         create_classifier(model_params(checkpoint=str(tmp_path / "none.pth")), 3)
     save_file({"something.else": torch.zeros(3)}, tmp_path / "other.safetensors")
-    with pytest.raises(HemaflowError, match="wrong backbone"):
+    with pytest.raises(HemaflowError, match="weights of another architecture"):
         create_classifier(model_params(checkpoint=str(tmp_path / "other.safetensors")), 3)
 
 

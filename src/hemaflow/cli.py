@@ -40,8 +40,13 @@ data_app = typer.Typer(help="Bring datasets in and inspect the prepared data.", 
 params_app = typer.Typer(
     help="Check params.yaml, document it, turn a profile into `dvc exp run -S` overrides.", no_args_is_help=True
 )
+weights_app = typer.Typer(
+    help="Pretrained weights: the only commands that reach the network, and only when you run them.",
+    no_args_is_help=True,
+)
 app.add_typer(data_app, name="data")
 app.add_typer(params_app, name="params")
+app.add_typer(weights_app, name="weights")
 
 _state = {"debug": False}
 # px/um as published: Acevedo_20 10 (CellaVision DM96), Matek_19 13.8 and WBC1/WBC2 11.52 (the HIDA
@@ -739,3 +744,44 @@ def params_use(
         f"{params_file}: {profile} applied ({len(params.prepare.datasets)} datasets, "
         f"methods {', '.join(params.adapt.methods)})"
     )
+
+
+@weights_app.command("get")
+def weights_get(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="An entry of `hemaflow weights list` (dinobloom_s/b/l/g, rtmdet_tiny_coco) or any timm "
+            "pretrained tag (timm.list_pretrained(), e.g. vit_small_patch16_224.augreg_in21k_ft_in1k)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Where the weights folders live.")] = Path("models/pretrained"),
+) -> None:
+    """Download pretrained weights once into OUT/NAME (weights.safetensors + card.json), checksum verified.
+
+    timm tags go through timm's and huggingface_hub's download and cache (HF_HUB_OFFLINE,
+    HF_HUB_CACHE are honoured). Then version the folder with the printed `dvc add` command and start
+    from it with `model.checkpoint: OUT/NAME` (classifier) or `detect.model.checkpoint: OUT/NAME`.
+    """
+    from hemaflow.pretrained import load_pretrained
+    from hemaflow.weights import fetch
+
+    with _user_errors():
+        folder = fetch(name, out)
+        card, _ = load_pretrained(folder)
+    key = "detect.model.checkpoint" if card.kind == "detector" else "model.checkpoint"
+    fits = card.detect_model if card.kind == "detector" else {"model.backbone": card.timm_model}
+    typer.echo(f"{folder}: {card.kind} weights, sha256 {card.sha256}, licence: {card.licence}")
+    typer.echo(f"version it:  dvc add {folder}  (a teammate's `dvc pull` then gets the same bytes)")
+    typer.echo(f"use it:      {key}: {folder}  (fits {fits})")
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """The weights known by name, with their address and what they fit."""
+    from hemaflow.weights import registry
+
+    for name, entry in registry().items():
+        fits = entry.get("timm_model") or entry.get("detect_model")
+        typer.echo(f"{name:18} {entry['kind']:10} {fits}  {entry['url']}")
+    typer.echo("...and any timm pretrained tag (timm.list_pretrained()), through the Hugging Face hub.")

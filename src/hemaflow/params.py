@@ -397,7 +397,8 @@ class ModelParams(_Section):
     img_size: Annotated[int, Field(ge=16)]
     """Network input side; crops are resized to it."""
     checkpoint: str | None
-    """A local .safetensors/.pth to start from; null: random initialisation. Never a download."""
+    """Pretrained start: a `hemaflow weights get` folder (models/pretrained/NAME: built as its card says,
+    checksum verified) or a local .safetensors/.pth; null: random initialisation. Never a download."""
     drop_rate: Fraction
     """Dropout before the classifier head."""
 
@@ -465,6 +466,16 @@ class ClassifyParams(_Section):
     label_smoothing: Annotated[float, Field(ge=0, lt=1)]
     balance: Literal["sampler", "loss_weights", "none"]
     """Class imbalance: class-balanced sampling, inverse-frequency loss weights, or nothing."""
+    head: Literal["finetune", "linear_probe", "knn"]
+    """finetune: every layer trains; linear_probe: only a new linear head on frozen features; knn: no
+    training, each cell votes by its k nearest training cells in the frozen feature space (how
+    foundation models such as DinoBloom are evaluated)."""
+    layer_decay: Annotated[float, Field(gt=0, le=1)] | None
+    """finetune: each layer's learning rate is this times the next one's, from the head down (timm); null: one rate."""
+    freeze_epochs: NonNegativeInt
+    """finetune: epochs at the start that train only the head (the backbone frozen), then everything."""
+    knn_k: PositiveInt
+    """knn: neighbours that vote (weights exp(cosine / 0.07), as in DINO's kNN evaluation)."""
     augment: AugmentParams
     tta: list[Literal["hflip", "vflip"]]
     """Flips averaged at inference."""

@@ -35,7 +35,14 @@ from hemaflow._io import write_csv, write_json
 from hemaflow.classify.adapt import adapt_batch_norm, average_thresholded_confidence, confident_pseudo_labels
 from hemaflow.classify.data import CellDataset, EpochSampler, build_transform, class_weights
 from hemaflow.classify.inference import fold_logits, predict_logits
-from hemaflow.classify.model import ModelCard, create_classifier, resolve_backbone, save_classifier
+from hemaflow.classify.model import (
+    KnnClassifier,
+    ModelCard,
+    create_classifier,
+    pretrained_start,
+    resolve_backbone,
+    save_classifier,
+)
 from hemaflow.errors import HemaflowError
 from hemaflow.metrics import SPREAD_KEYS, across_seeds, classification_metrics, expected_calibration_error
 from hemaflow.params import ClassifyParams, ModelParams, Recipe
@@ -68,15 +75,17 @@ def _fit_fold(
     model_params, params, seed, runtime, classes = job.model_params, job.params, job.seed, job.runtime, job.classes
     torch.manual_seed(seed + fold)
     index = {c: i for i, c in enumerate(classes)}
-    model, card = create_classifier(model_params, len(classes))
+    model, card = create_classifier(model_params, len(classes), params.head, params.knn_k)
     card = replace(card, classes=classes)
     cuda = runtime.device.type == "cuda"
     model.to(
         runtime.device, memory_format=torch.channels_last if cuda and params.channels_last else torch.preserve_format
     )
     train_labels = [index[c] for c in train["fine_class"]]
-    augment = build_transform(card.img_size, card.mean, card.std, params.augment, job.recipe.augment)
     plain = build_transform(card.img_size, card.mean, card.std, None)
+    if params.head == "knn":
+        return (*_fit_knn(job, model, card, CellDataset(list(train["path"]), train_labels, plain)), [], None)
+    augment = build_transform(card.img_size, card.mean, card.std, params.augment, job.recipe.augment)
     train_set = CellDataset(list(train["path"]), train_labels, augment, job.references)
     val_set = CellDataset(list(val["path"]), [index[c] for c in val["fine_class"]], plain)
     weights = class_weights(train_labels, len(classes))
@@ -96,7 +105,9 @@ def _fit_fold(
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise HemaflowError(f"classify: fold {fold} has {len(train_set)} training cells, fewer than one batch")
-    optimizer = create_optimizer_v2(model, "adamw", lr=params.lr, weight_decay=params.weight_decay)
+    optimizer = create_optimizer_v2(
+        model, "adamw", lr=params.lr, weight_decay=params.weight_decay, layer_decay=params.layer_decay
+    )
     scheduler = CosineLRScheduler(
         optimizer,
         t_initial=params.epochs * steps_per_epoch,
@@ -123,7 +134,6 @@ def _fit_fold(
         else nn.CrossEntropyLoss(loss_weights, label_smoothing=params.label_smoothing)
     )
     scaler = torch.amp.GradScaler(enabled=cuda and params.precision == "fp16")
-    network = DistributedDataParallel(model) if runtime.world_size > 1 else model
 
     start, history = 0, []
     saved = state.load(runtime.device)
@@ -134,13 +144,21 @@ def _fit_fold(
         if runtime.main and start < params.epochs:
             print(f"fold {fold}: resuming after epoch {start}")
 
-    seconds, seen = 0.0, 0
+    seconds, seen, network, frozen = 0.0, 0, model, None
     for epoch in range(start, params.epochs):
+        wanted = params.head == "linear_probe" or epoch < params.freeze_epochs
+        if wanted != frozen:  # DDP registers only parameters that need gradients: wrap again on a change
+            frozen = wanted
+            _freeze_backbone(model, frozen)
+            network = DistributedDataParallel(model) if runtime.world_size > 1 else model
         sampler.set_epoch(epoch)
         augment.set_random_seed(seed * 1_000 + fold * 100 + epoch)
         np.random.seed(seed * 1_000 + fold * 100 + epoch)  # timm's Mixup draws from numpy's global RNG
         torch.manual_seed(seed * 1_000 + fold * 100 + epoch)
         network.train()
+        if frozen:  # frozen features: batch-norm statistics stay as pretrained, too
+            model.eval()
+            model.get_classifier().train()
         losses, tick = [], time.perf_counter()
         bar = tqdm(
             loader, desc=f"fold {fold} epoch {epoch + 1}/{params.epochs}", unit="batch", disable=not runtime.main
@@ -189,6 +207,24 @@ def _fit_fold(
             )
         runtime.barrier()
     return model, card, history, (seen / seconds if seconds else None)
+
+
+def _freeze_backbone(model: nn.Module, frozen: bool) -> None:
+    """Only the classifier head trains when ``frozen`` (linear probe, or finetune's warm-up); else every layer."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    for parameter in model.parameters():
+        parameter.requires_grad_(not frozen or id(parameter) in head)
+
+
+def _fit_knn(job: _Job, backbone: nn.Module, card: ModelCard, train_set: CellDataset) -> tuple[nn.Module, ModelCard]:
+    """The kNN head: the training cells' frozen features become the bank that votes."""
+    tick = time.perf_counter()
+    features = predict_logits(backbone, DataLoader(train_set, 64), job.runtime.device)
+    model = KnnClassifier(backbone, len(features), len(job.classes), job.params.knn_k).to(job.runtime.device)
+    model.remember(torch.from_numpy(features), torch.tensor(train_set.labels))
+    if job.runtime.main:
+        print(f"knn: {len(features)} training cells embedded in {time.perf_counter() - tick:.1f} s")
+    return model, replace(card, knn={"cells": len(features), "k": job.params.knn_k})
 
 
 @dataclass(frozen=True)
@@ -375,7 +411,7 @@ def _train_folds(
         )
         save_classifier(model.cpu(), card, out / f"fold{fold}")
         model.to(runtime.device)
-        if curves is not None:
+        if curves is not None and history:  # a kNN head has no training curve
             write_csv(curves / f"fold{fold}.csv", pd.DataFrame(history))
     if oof_parts:
         run.oof, run.few_shot = pd.concat(oof_parts), pd.concat(few_shot_parts)
@@ -426,6 +462,7 @@ def _report(
         {
             "backbone": model_params.backbone,
             "resolved_backbone": resolve_backbone(model_params.backbone),
+            "pretrained": pretrained_start(model_params.checkpoint),
             "classes": len(classes),
             "recipe": recipe.model_dump(mode="json"),
             "oof": _summary(scores) | {"cells": len(oof)},

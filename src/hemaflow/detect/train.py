@@ -23,7 +23,8 @@ import torch.distributed as dist
 from mmengine.config import Config
 from mmengine.model import MMDistributedDataParallel
 from mmengine.registry import MODEL_WRAPPERS
-from mmengine.runner import CheckpointLoader, Runner
+from mmengine.runner import CheckpointLoader, Runner, find_latest_checkpoint
+from safetensors.torch import load_file
 
 from hemaflow._io import atomic_dir, write_csv, write_json, write_tensors
 from hemaflow.data.images import MAX_FIELD_PIXELS, load_rgb
@@ -32,6 +33,7 @@ from hemaflow.detect.detector import CARD, Detector
 from hemaflow.detect.metrics import choose_threshold
 from hemaflow.errors import HemaflowError
 from hemaflow.params import DetectParams
+from hemaflow.pretrained import file_sha256, load_pretrained, read_card
 from hemaflow.resume import file_digest, fingerprint
 from hemaflow.runtime import seed_folder, select_device
 from hemaflow.tables import boxes, read_cells, read_images
@@ -72,10 +74,31 @@ def checkpoint_loader(trusted_dir: Path):
 
     def load(filename: str, map_location: str | None = None) -> dict:
         path = Path(filename).resolve()
+        if path.is_dir():  # a `hemaflow weights get` folder: tensors only, checksum verified
+            return {"state_dict": load_pretrained(path)[1]}
+        if path.suffix == ".safetensors":
+            return {"state_dict": load_file(path)}
         own = path.parent == trusted and path.suffix == ".pth"
         return torch.load(path, map_location=map_location, weights_only=not own)
 
     return load
+
+
+def _pretrained_digest(params: DetectParams) -> str | None:
+    """The sha256 of ``detect.model.checkpoint`` (part of the resume key); a ``weights get`` folder must fit."""
+    if not params.model.checkpoint:
+        return None
+    path = Path(params.model.checkpoint)
+    if not path.is_dir():
+        return file_sha256(path)
+    card = read_card(path)
+    wrong = {k: v for k, v in (card.detect_model or {}).items() if getattr(params.model, k) != v}
+    if card.kind != "detector" or wrong:
+        raise HemaflowError(
+            f"detect.model.checkpoint: {path} holds weights for {card.detect_model or card.timm_model}; "
+            f"detect.model differs ({', '.join(f'{k}: {getattr(params.model, k)}' for k in wrong) or card.kind})"
+        )
+    return card.sha256
 
 
 def _register_loader(work_dir: Path) -> None:
@@ -220,12 +243,16 @@ def _fit(params: DetectParams, seed: int, prepared: Path, work_dir: Path, device
         params=params, seed=seed, prepared=prepared, work_dir=work_dir, launcher=launcher, device=device
     )
     data = [file_digest(prepared / "coco" / f"{split}.json") for split in ("train", "val")]
-    key = fingerprint({k: v for k, v in config.items() if k != "launcher"}, data)
+    key = fingerprint({k: v for k, v in config.items() if k != "launcher"}, data, _pretrained_digest(params))
     if int(os.environ.get("RANK", "0")) == 0 and reset_stale_work_dir(work_dir, key):
         print(f"{work_dir}: params or data changed since its checkpoints; training from the start")
     if dist.is_initialized():
         dist.barrier()  # the other ranks must not read the work dir while rank 0 empties it
     runner_config = Config(config)
+    if find_latest_checkpoint(str(work_dir)) is not None:
+        runner_config.load_from = None  # resume our own last epoch (mmengine would resume *from* load_from)
+    elif runner_config.load_from:
+        runner_config.resume = False  # start from the pretrained weights; a head of another shape is left out
     # mmengine keeps one visualizer per name per process: a second seed's runner would log into the first's folder
     runner_config.visualizer["name"] = f"visualizer_{work_dir.resolve()}_{time.monotonic_ns()}"
     Runner.from_cfg(runner_config).train()
