@@ -41,3 +41,4 @@ bench: setup
 	$(RUN) python benchmarks/detect.py
 	$(RUN) python benchmarks/translate.py
 	$(RUN) python benchmarks/predict.py
+	$(RUN) python benchmarks/heads.py

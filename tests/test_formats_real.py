@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -139,7 +140,7 @@ def test_one_folder_as_unlabelled_target_few_shot_slice_and_test_keeps_each_cell
     from hemaflow.data.prepare import prepare
 
     root = shared_dataset("cellavision_blog").parent
-    blog = {"format": "segmentation_wbc", "path": "cellavision_blog", "px_per_um": 10.0, "domain": "cellavision"}
+    blog = {"format": "segmentation_wbc", "path": "cellavision_blog", "px_per_um": "auto", "domain": "cellavision"}
     params = load(
         {
             "prepare": {
@@ -175,3 +176,7 @@ def test_one_folder_as_unlabelled_target_few_shot_slice_and_test_keeps_each_cell
     assert not sliced & set(cells.loc[cells["dataset"] == "blog_test", "image"])  # disjoint parts
     assert (blog_cells.loc[blog_cells["role"] == "target", "fine_class"] == "").all()  # the target stays unlabelled
     assert set(cells.loc[cells["role"] == "target_labelled", "fold"]) <= set(range(5))
+    # one camera, one scale: the folder is estimated once, whichever part of it a dataset keeps
+    scales = json.loads((tmp_path / "data.json").read_text())["estimated_scale"]
+    assert scales["blog"] == scales["blog_slice"] == scales["blog_test"]
+    assert scales["blog"]["images"] == min(40, 100)

@@ -133,14 +133,14 @@ def test_a_timm_tag_comes_from_the_offline_hugging_face_cache(tmp_path):
     assert "HF_HUB_OFFLINE" in missing.stderr and not (out / "test_vit.r160_in1k").exists()
 
 
-@pytest.mark.parametrize("head", ["linear_probe", "knn"])
-def test_linear_probe_and_knn_keep_the_pretrained_backbone(tiny_models, tmp_path, head):
+@pytest.mark.parametrize("head", ["linear_probe", "knn", "finetune"])
+def test_linear_probe_and_knn_keep_the_pretrained_backbone_and_finetune_moves_it(tiny_models, tmp_path, head):
     start = tiny_models.classifier / "fold0.safetensors"
     p = load(yaml.safe_load(tiny_models.params_file.read_text()))
     model_params = p.model.model_copy(update={"checkpoint": str(start)})
     train_classifier(
         model_params=model_params,
-        params=p.classify.model_copy(update={"head": head, "knn_k": 5}),
+        params=p.classify.model_copy(update={"head": head, "knn_k": 5, "layer_decay": 0.7, "freeze_epochs": 1}),
         recipe=p.adapt.methods["none"],
         seeds=p.base.seeds,
         cells=tiny_models.cells,
@@ -159,9 +159,34 @@ def test_linear_probe_and_knn_keep_the_pretrained_backbone(tiny_models, tmp_path
     prefix = "backbone." if head == "knn" else ""
     backbone = {k: v for k, v in model.state_dict().items() if k.startswith(prefix) and not k.startswith("fc.")}
     backbone = {k.removeprefix(prefix): v for k, v in backbone.items()}
-    assert backbone and all(torch.equal(v, pretrained[k]) for k, v in backbone.items() if k in pretrained)
+    unchanged = [torch.equal(v, pretrained[k]) for k, v in backbone.items() if k in pretrained]
     assert set(backbone) - set(pretrained) <= {"fc.weight", "fc.bias"}
+    if head == "finetune":  # a frozen first epoch, then every layer (each at its layer-decayed rate)
+        assert p.classify.epochs > 1 and not all(unchanged)
+        return
+    assert backbone and all(unchanged)
     if head == "knn":
         assert card.knn["k"] == 5 and card.knn["cells"] == len(model.bank) > 0
     else:
         assert not torch.equal(model.fc.weight, pretrained["fc.weight"])  # a new head for our classes
+
+
+def test_a_detector_weights_folder_must_fit_detect_model_and_loads_verified(tiny_models, tmp_path):
+    from hemaflow.detect.train import _pretrained_digest, checkpoint_loader
+
+    p = load(yaml.safe_load(tiny_models.params_file.read_text()))
+    folder = tmp_path / "rtmdet_coco"
+    folder.mkdir()
+    state = load_file(tiny_models.detector / "best.safetensors")
+    save_file(state, folder / "weights.safetensors")
+    fits = {"arch": p.detect.model.arch, "widen_factor": p.detect.model.widen_factor, "deepen_factor": 1.0}
+    card = {"name": "rtmdet_coco", "kind": "detector", "source": "test", "licence": "test", "source_sha256": None}
+    card |= {"sha256": file_sha256(folder / "weights.safetensors"), "detect_model": fits}
+    (folder / "card.json").write_text(json.dumps(card))
+    params = p.detect.model_copy(update={"model": p.detect.model.model_copy(update={"checkpoint": str(folder)})})
+    with pytest.raises(
+        HemaflowError, match=f"detect.model differs \\(deepen_factor: {p.detect.model.deepen_factor}\\)"
+    ):
+        _pretrained_digest(params)
+    loaded = checkpoint_loader(tmp_path / "work")(str(folder), "cpu")["state_dict"]
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from hemaflow._io import atomic_dir, write_csv
 from hemaflow.data.backgrounds import erase_cells
-from hemaflow.data.calibrate import estimate_px_per_um
+from hemaflow.data.calibrate import ScaleEstimate, estimate_px_per_um
 from hemaflow.data.classes import ClassMatrix, load_class_matrix
 from hemaflow.data.duplicates import drop_duplicate_rows, near_duplicate_boxes, same_bytes
 from hemaflow.data.folds import assign_folds
@@ -74,12 +74,8 @@ def _fine_class(dataset: DatasetParams, vocabulary: dict[str, str | None], label
     return False, None
 
 
-def _estimated(dataset: DatasetParams, images: list[Path], seed: int) -> tuple[DatasetParams, dict, Finding]:
-    """``px_per_um: auto`` resolved from the red cells of the dataset's images."""
-    try:
-        estimate = estimate_px_per_um(images, seed=seed)
-    except ValueError as exc:
-        raise HemaflowError(f"dataset {dataset.name!r}: px_per_um auto: {exc}; give its px_per_um instead") from None
+def _estimated(dataset: DatasetParams, estimate: ScaleEstimate) -> tuple[DatasetParams, dict, Finding]:
+    """``px_per_um: auto`` resolved by the red-cell estimate of the dataset's folder."""
     low, high = estimate.spread
     record = {
         "px_per_um": estimate.px_per_um,
@@ -108,6 +104,8 @@ def _collect_jobs(
     jobs: list[_ImageJob] = []
     findings: list[Finding] = []
     scales: dict[str, dict] = {}
+    # one estimate per folder: the parts of one folder (target, labelled slice, test) are one lab's camera
+    folder_scales: dict[tuple[str, str | None], ScaleEstimate] = {}
     unknown: dict[tuple[str, str], list[str]] = defaultdict(list)
     for dataset in params.datasets:
         for label, fine in dataset.label_map.items():
@@ -132,14 +130,22 @@ def _collect_jobs(
                 by_image[ann.image].append(cell)
         for name in result.background_images:
             by_image.setdefault(name, [])
+        if dataset.px_per_um == "auto":
+            folder = (dataset.path, dataset.subset)
+            if folder not in folder_scales:
+                try:
+                    folder_scales[folder] = estimate_px_per_um(
+                        [root / dataset.path / n for n in sorted(by_image)], seed=seed
+                    )
+                except ValueError as exc:
+                    raise HemaflowError(
+                        f"dataset {dataset.name!r}: px_per_um auto: {exc}; give its px_per_um instead"
+                    ) from None
+            dataset, scales[dataset.name], finding = _estimated(dataset, folder_scales[folder])
+            findings.append(finding)
         if dataset.part is not None:
             by_image = {n: cells for n, cells in by_image.items() if dataset.part[0] <= _position(n) < dataset.part[1]}
         is_field = any(a.box is not None for a in annotations) or bool(result.background_images)
-        if dataset.px_per_um == "auto":
-            dataset, scales[dataset.name], finding = _estimated(
-                dataset, [root / dataset.path / n for n in sorted(by_image)], seed
-            )
-            findings.append(finding)
         for index, name in enumerate(sorted(by_image)):
             image = (Path(params.root) / dataset.path / name).as_posix()
             jobs.append(
