@@ -8,6 +8,7 @@ runs everything. Real-data tests read ../shared/data and skip with the reason wh
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-import hemaflow  # noqa: F401  first: pins the CPU kernels before torch is imported (hemaflow/__init__.py)
+import hemaflow  # first: pins the CPU kernels before torch is imported (hemaflow/__init__.py)
+
+# pytest-xdist runs one worker per core: each worker's math (and every command it starts, through
+# TINY's base.cpu_threads) on one thread, so that the workers do not fight over the cores.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    hemaflow.pin_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -87,6 +93,7 @@ def write_params(path: Path, overlay: dict | None = None) -> Path:
 
 
 TINY = {
+    "base": {"cpu_threads": 1},
     "demo_data": TINY_DEMO,
     "prepare": {"folds": 2, "workers": 0},
     "model": {"img_size": 32},
