@@ -8,7 +8,6 @@ runs everything. Real-data tests read ../shared/data and skip with the reason wh
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import subprocess
 import sys
@@ -23,10 +22,20 @@ import yaml
 
 import hemaflow  # first: pins the CPU kernels before torch is imported (hemaflow/__init__.py)
 
-# pytest-xdist runs one worker per core: each worker's math (and every command it starts, through
-# TINY's base.cpu_threads) on one thread, so that the workers do not fight over the cores.
-if "PYTEST_XDIST_WORKER" in os.environ:
-    hemaflow.pin_threads(1)
+# pytest-xdist runs one worker per core: each worker's math, and every command it starts (TINY's
+# base.cpu_threads), on one thread, so that the workers do not fight over the cores. The count also
+# orders parallel sums, so models trained in a test and in a command compare bit for bit.
+TEST_THREADS = 1
+hemaflow.pin_threads(TEST_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _test_threads():
+    """Every test starts and ends on TEST_THREADS (an in-process CLI call pins params.yaml's count)."""
+    hemaflow.pin_threads(TEST_THREADS)
+    yield
+    hemaflow.pin_threads(TEST_THREADS)
+
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -93,7 +102,7 @@ def write_params(path: Path, overlay: dict | None = None) -> Path:
 
 
 TINY = {
-    "base": {"cpu_threads": 1},
+    "base": {"cpu_threads": TEST_THREADS},
     "demo_data": TINY_DEMO,
     "prepare": {"folds": 2, "workers": 0},
     "model": {"img_size": 32},
@@ -131,6 +140,7 @@ def hemaflow_command(*args: str | Path, **options: object) -> list[str]:
 
 def built_once(tmp_path_factory, worker_id: str, name: str, build: Callable[[Path], None]) -> Path:
     """``build(folder)`` once per test run, shared by the pytest-xdist workers (the first builds, the others wait)."""
+    hemaflow.pin_threads(TEST_THREADS)  # session fixtures are set up before the autouse one
     if worker_id == "master":  # no xdist: this process is the whole run
         folder = tmp_path_factory.mktemp(name)
         build(folder)

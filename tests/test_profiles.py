@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, SHARED_DATA, recipe, shared_dataset
+from conftest import REPO, SHARED_DATA, TEST_THREADS, recipe, shared_dataset
 from hemaflow._scratch import scratch_env, scratch_repository
 from hemaflow.params import apply_profile, parse_params
 
@@ -36,7 +36,7 @@ def test_a_profile_replaces_lists_and_method_tables_but_merges_sections():
 
 
 TINY_BUDGET = {
-    "base": {"cpu_threads": 1},  # one thread per pytest-xdist worker
+    "base": {"cpu_threads": TEST_THREADS},  # one thread per pytest-xdist worker
     "demo_data": {"cells_per_class": 2, "fields_per_domain": 2, "target_unlabelled_cells": 2, "target_test_cells": 0},
     "model": {"img_size": 32},
     "classify": {"folds": 1, "epochs": 1, "batch_size": 32},

@@ -190,3 +190,39 @@ def test_a_detector_weights_folder_must_fit_detect_model_and_loads_verified(tiny
         _pretrained_digest(params)
     loaded = checkpoint_loader(tmp_path / "work")(str(folder), "cpu")["state_dict"]
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_a_detector_starts_from_coco_weights_whose_class_head_differs(tiny_models, tmp_path):
+    """As from a published 80-class COCO checkpoint: the head of another shape is left out, the rest loads,
+    and training starts from it (mmengine would otherwise *resume* from the file given as load_from)."""
+    from hemaflow.detect.train import train_detector
+
+    p = load(yaml.safe_load(tiny_models.params_file.read_text()))
+    state = load_file(tiny_models.detector / "best.safetensors")
+    coco = {k: torch.randn(80, *v.shape[1:]) if ".rtm_cls." in k else v for k, v in state.items()}
+    folder = tmp_path / "coco"
+    folder.mkdir()
+    save_file(coco, folder / "weights.safetensors")
+    model = p.detect.model
+    card = {"name": "coco", "kind": "detector", "source": "test", "licence": "test", "source_sha256": None}
+    card |= {"sha256": file_sha256(folder / "weights.safetensors")}
+    card |= {
+        "detect_model": {"arch": model.arch, "widen_factor": model.widen_factor, "deepen_factor": model.deepen_factor}
+    }
+    (folder / "card.json").write_text(json.dumps(card))
+    params = p.detect.model_copy(
+        update={"epochs": 1, "lr": 1e-12, "model": model.model_copy(update={"checkpoint": str(folder)})}
+    )
+    train_detector(
+        params=params,
+        fields_px_per_um=p.prepare.fields.px_per_um,
+        seeds=p.base.seeds,
+        prepared=tiny_models.prepared,
+        work_dir=tmp_path / "work",
+        out=tmp_path / "detector",
+        plots=tmp_path / "plots",
+    )
+    trained = load_file(tmp_path / "detector" / "best.safetensors")
+    assert trained["bbox_head.rtm_cls.0.weight"].shape[0] == 1  # our one class, a new head
+    weights = [k for k in state if k.endswith("conv.weight") and ".rtm_cls." not in k]
+    assert all(torch.allclose(trained[k], state[k], atol=1e-6) for k in weights)  # started from the file
