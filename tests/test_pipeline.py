@@ -117,6 +117,8 @@ def test_the_users_experiment_command_and_the_diffs(workspace):
         "model.backbone=vit_large",
         "-S",
         "classify.epochs=1",
+        "-S",
+        "adapt.methods.cyclegan.self_training=null",  # one ViT-Large training per method, not two
         "-n",
         "vit",
     )

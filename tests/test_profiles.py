@@ -55,8 +55,8 @@ def test_the_real_data_profile_runs_end_to_end_with_no_detector(tmp_path):
         REPO, work, skip=lambda name: name.startswith(("metrics/", "plots/", "reports/")) or name == "dvc.lock"
     )
     datasets = yaml.safe_load((REPO / "profiles" / "shared.yaml").read_text())["prepare"]["datasets"]
-    # the scratch copy is not beside ../shared; a fixed 30 % of the source cells keeps the run short
-    datasets = [d | {"part": [0.0, 0.3]} if d["role"] == "source" else d for d in datasets]
+    # the scratch copy is not beside ../shared; a fixed 15 % of the source cells keeps the run short
+    datasets = [d | {"part": [0.0, 0.15]} if d["role"] == "source" else d for d in datasets]
     budget = TINY_BUDGET | {"prepare": {"root": str(SHARED_DATA), "datasets": datasets}}
     (work / "budget.yaml").write_text(yaml.safe_dump(budget))
     env = scratch_env()
