@@ -6,7 +6,7 @@ ensemble that evaluation and ``hemaflow predict`` use. AdamW with a warm-up + co
 (timm), albumentations, optional mixup/cutmix, class-balanced sampling or loss weights,
 bf16/fp16 autocast and channels_last on GPU, reproducible on CPU. Each fold model's temperature
 is fitted on its own held-out fold (calibration; the test split is never seen here). Training
-state is saved after every epoch (``hemaflow.resume``), so an interrupted run resumes. Under
+state is saved after every epoch but the last (``hemaflow.resume``), so an interrupted run resumes. Under
 ``torchrun`` the model runs in DistributedDataParallel (NCCL on GPU, gloo on CPU).
 """
 
@@ -196,7 +196,9 @@ def _fit_fold(
                 "lr": optimizer.param_groups[0]["lr"],
             }
         )
-        if runtime.main:
+        # after the last epoch the model itself is saved next: its state (weights and optimizer moments,
+        # 3.6 GB for a ViT-Large) would only be written to be deleted
+        if runtime.main and epoch + 1 < params.epochs:
             state.save(
                 {
                     "epoch": epoch + 1,
