@@ -12,7 +12,13 @@ RUN := $(UV) run --frozen
 
 setup:
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
-	$(UV) sync --frozen
+	$(UV) sync --frozen $(SYNC_FLAGS)
+
+# The tests compile to bytecode only what they import, on first import, instead of all 16,550 files
+# of the environment up front (21 s of a fresh clone's `make test`); the demo keeps the full compile
+# (pyproject.toml: a no-op `dvc repro` in 1.6 s instead of 3.1 s where PYTHONDONTWRITEBYTECODE is set).
+test test-fast: SYNC_FLAGS := --no-compile-bytecode
+test test-fast: export PYTHONDONTWRITEBYTECODE :=
 
 demo: setup
 	$(RUN) dvc repro
