@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 export PATH := $(subst $(CURDIR)/.venv/bin:,,$(PATH))
 undefine VIRTUAL_ENV
 UV := python3 -m uv
-RUN := $(UV) run --frozen
+RUN = $(UV) run --frozen $(SYNC_FLAGS)
 
 .PHONY: setup browser demo lint test test-fast bench
 
