@@ -289,3 +289,16 @@ def kill_when(command: list[str], ready: Callable[[], bool], timeout: float = 60
             pytest.fail(f"{command[3]} ended (exit {process.returncode}) before it was killed: {stderr.read()[-2000:]}")
         process.kill()
         process.wait()
+
+
+# The longest test files first: pytest-xdist hands out files in collection order, and a long file
+# started last keeps one worker busy while the other waits (the run lasts as long as its busiest worker).
+LONGEST_FIRST = ("test_pipeline.py", "test_profiles.py", "test_translate.py", "test_detect_train.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
