@@ -25,7 +25,7 @@ from hemaflow.classify.model import create_classifier, load_classifier
 from hemaflow.classify.train import train_classifier
 from hemaflow.errors import HemaflowError
 from hemaflow.params import ModelParams
-from hemaflow.pretrained import file_sha256
+from hemaflow.resume import file_digest
 from hemaflow.weights import REGISTRY, fetch
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ def test_weights_get_verifies_the_download_and_the_classifier_starts_from_it(din
         folder = fetch("dinobloom_s", tmp_path / "pretrained", registry_path=_registry(tmp_path, url, sha256))
     card = json.loads((folder / "card.json").read_text())
     assert sorted(p.name for p in folder.iterdir()) == ["card.json", "weights.safetensors"]
-    assert card["source_sha256"] == sha256 and card["sha256"] == file_sha256(folder / "weights.safetensors")
+    assert card["source_sha256"] == sha256 and card["sha256"] == file_digest(folder / "weights.safetensors")
     assert card["timm_model"] == "vit_small_patch14_dinov2" and card["pretrained_cfg"]["input_size"] == [3, 224, 224]
 
     params = ModelParams(backbone="dinobloom_s", img_size=56, checkpoint=str(folder), drop_rate=0.0)
@@ -151,7 +151,7 @@ def test_linear_probe_and_knn_keep_the_pretrained_backbone_and_finetune_moves_it
         state=tmp_path / "state",
     )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["pretrained"] == {"weights": start.name, "sha256": file_sha256(start), "source": str(start)}
+    assert metrics["pretrained"] == {"weights": start.name, "sha256": file_digest(start), "source": str(start)}
     baseline = json.loads((tiny_models.root / "classify.json").read_text())
     assert metrics["oof"]["cells"] == baseline["oof"]["cells"]  # the same held-out cells as training from scratch
     pretrained = load_file(start)
@@ -181,7 +181,7 @@ def test_a_detector_weights_folder_must_fit_detect_model_and_loads_verified(tiny
     save_file(state, folder / "weights.safetensors")
     fits = {"arch": p.detect.model.arch, "widen_factor": p.detect.model.widen_factor, "deepen_factor": 1.0}
     card = {"name": "rtmdet_coco", "kind": "detector", "source": "test", "licence": "test", "source_sha256": None}
-    card |= {"sha256": file_sha256(folder / "weights.safetensors"), "detect_model": fits}
+    card |= {"sha256": file_digest(folder / "weights.safetensors"), "detect_model": fits}
     (folder / "card.json").write_text(json.dumps(card))
     params = p.detect.model_copy(update={"model": p.detect.model.model_copy(update={"checkpoint": str(folder)})})
     with pytest.raises(
@@ -205,7 +205,7 @@ def test_a_detector_starts_from_coco_weights_whose_class_head_differs(tiny_model
     save_file(coco, folder / "weights.safetensors")
     model = p.detect.model
     card = {"name": "coco", "kind": "detector", "source": "test", "licence": "test", "source_sha256": None}
-    card |= {"sha256": file_sha256(folder / "weights.safetensors")}
+    card |= {"sha256": file_digest(folder / "weights.safetensors")}
     card |= {
         "detect_model": {"arch": model.arch, "widen_factor": model.widen_factor, "deepen_factor": model.deepen_factor}
     }

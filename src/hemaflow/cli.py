@@ -763,12 +763,12 @@ def weights_get(
     HF_HUB_CACHE are honoured). Then version the folder with the printed `dvc add` command and start
     from it with `model.checkpoint: OUT/NAME` (classifier) or `detect.model.checkpoint: OUT/NAME`.
     """
-    from hemaflow.pretrained import load_pretrained
+    from hemaflow.pretrained import read_card
     from hemaflow.weights import fetch
 
     with _user_errors():
-        folder = fetch(name, out)
-        card, _ = load_pretrained(folder)
+        folder = fetch(name, out)  # verified against its checksum
+    card = read_card(folder)
     key = "detect.model.checkpoint" if card.kind == "detector" else "model.checkpoint"
     fits = card.detect_model if card.kind == "detector" else {"model.backbone": card.timm_model}
     typer.echo(f"{folder}: {card.kind} weights, sha256 {card.sha256}, licence: {card.licence}")

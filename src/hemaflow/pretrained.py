@@ -7,7 +7,6 @@ folder gives the same start or a one-line error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from hemaflow.errors import HemaflowError
+from hemaflow.resume import file_digest
 
-__all__ = ["CARD", "WEIGHTS", "PretrainedCard", "file_sha256", "load_pretrained", "read_card"]
+__all__ = ["CARD", "WEIGHTS", "PretrainedCard", "load_pretrained", "read_card", "verified_card"]
 
 WEIGHTS = "weights.safetensors"
 CARD = "card.json"
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -39,14 +38,6 @@ class PretrainedCard:
     detect_model: dict | None = None  # detector: the detect.model settings the weights fit
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_card(path: Path) -> PretrainedCard:
     """The card of a ``weights get`` folder (no tensors read)."""
     card_file = path / CARD
@@ -55,10 +46,15 @@ def read_card(path: Path) -> PretrainedCard:
     return PretrainedCard(**json.loads(card_file.read_text()))
 
 
-def load_pretrained(path: Path) -> tuple[PretrainedCard, dict[str, torch.Tensor]]:
-    """The card and tensors of a ``weights get`` folder, verified against the card's checksum."""
+def verified_card(path: Path) -> PretrainedCard:
+    """The card of a ``weights get`` folder whose tensors file is the one the card records."""
     card = read_card(path)
     weights = path / WEIGHTS
-    if not weights.is_file() or file_sha256(weights) != card.sha256:
+    if not weights.is_file() or file_digest(weights) != card.sha256:
         raise HemaflowError(f"{weights}: missing or not the file its card records (sha256 {card.sha256})")
-    return card, load_file(weights)
+    return card
+
+
+def load_pretrained(path: Path) -> tuple[PretrainedCard, dict[str, torch.Tensor]]:
+    """The card and tensors of a ``weights get`` folder, verified against the card's checksum."""
+    return verified_card(path), load_file(path / WEIGHTS)

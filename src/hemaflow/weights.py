@@ -13,7 +13,7 @@ NAME is an entry of ``weights.yaml`` (DinoBloom S/B/L/G, COCO detectors) or any 
 (``timm.list_pretrained()``), which goes through timm's and huggingface_hub's own download and cache
 code and so honours ``HF_HUB_OFFLINE``, ``HF_HOME`` and ``HF_HUB_CACHE``. A published checksum is
 verified before anything is written; nothing half-written is ever left in place. Every later use
-(:func:`load_pretrained`) verifies ``weights.safetensors`` against its card, so a teammate's
+(``hemaflow.pretrained``) verifies ``weights.safetensors`` against its card, so a teammate's
 ``dvc pull`` of the folder gives the same start or a one-line error.
 """
 
@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from hemaflow._io import write_json, write_tensors
 from hemaflow.errors import HemaflowError
-from hemaflow.pretrained import CARD, WEIGHTS, PretrainedCard, file_sha256, load_pretrained
+from hemaflow.pretrained import CARD, WEIGHTS, PretrainedCard, verified_card
+from hemaflow.resume import file_digest
 
 __all__ = ["fetch", "registry"]
 
@@ -50,7 +51,7 @@ def fetch(name: str, out: Path = Path("models/pretrained"), *, registry_path: Pa
     entries = registry(registry_path)
     folder = out / name
     if (folder / CARD).exists():
-        load_pretrained(folder)  # verifies the checksum
+        verified_card(folder)
         print(f"{folder}: already here (checksum verified)")
         return folder
     if name in entries:
@@ -60,7 +61,7 @@ def fetch(name: str, out: Path = Path("models/pretrained"), *, registry_path: Pa
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=_made(out)))
     try:
         write_tensors(staging / WEIGHTS, tensors)
-        card = PretrainedCard(**{**asdict(card), "sha256": file_sha256(staging / WEIGHTS)})
+        card = PretrainedCard(**{**asdict(card), "sha256": file_digest(staging / WEIGHTS)})
         write_json(staging / CARD, asdict(card))
         staging.rename(folder)  # the folder appears whole or not at all
     finally:

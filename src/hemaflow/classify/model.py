@@ -24,7 +24,8 @@ from torch import nn
 from hemaflow._io import write_json, write_tensors
 from hemaflow.errors import HemaflowError
 from hemaflow.params import ModelParams
-from hemaflow.pretrained import file_sha256, load_pretrained, read_card
+from hemaflow.pretrained import load_pretrained, read_card
+from hemaflow.resume import file_digest
 
 __all__ = [
     "BACKBONE_ALIASES",
@@ -130,7 +131,7 @@ def pretrained_start(checkpoint: str | None) -> dict | None:
     if path.is_dir():
         card = read_card(path)
         return {"weights": card.name, "sha256": card.sha256, "source": card.source}
-    return {"weights": path.name, "sha256": file_sha256(path) if path.is_file() else None, "source": str(path)}
+    return {"weights": path.name, "sha256": file_digest(path) if path.is_file() else None, "source": str(path)}
 
 
 def _checkpoint_tensors(path: Path, resolved: str) -> tuple[dict, dict | None]:

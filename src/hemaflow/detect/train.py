@@ -33,7 +33,7 @@ from hemaflow.detect.detector import CARD, Detector
 from hemaflow.detect.metrics import choose_threshold
 from hemaflow.errors import HemaflowError
 from hemaflow.params import DetectParams
-from hemaflow.pretrained import file_sha256, load_pretrained, read_card
+from hemaflow.pretrained import load_pretrained, read_card
 from hemaflow.resume import file_digest, fingerprint
 from hemaflow.runtime import seed_folder, select_device
 from hemaflow.tables import boxes, read_cells, read_images
@@ -90,7 +90,7 @@ def _pretrained_digest(params: DetectParams) -> str | None:
         return None
     path = Path(params.model.checkpoint)
     if not path.is_dir():
-        return file_sha256(path)
+        return file_digest(path)
     card = read_card(path)
     wrong = {k: v for k, v in (card.detect_model or {}).items() if getattr(params.model, k) != v}
     if card.kind != "detector" or wrong:
