@@ -110,3 +110,19 @@ def test_weighted_box_fusion_merges_agreeing_detectors():
     assert fuse_boxes([first], [1.0], 320, 320, 0.55) is first
     with pytest.raises(ValueError, match="2 detectors but 1 weights"):
         fuse_boxes([first, second], [1.0], 320, 320, 0.55)
+
+
+def test_a_checkpoint_pointer_left_empty_by_a_kill_is_dropped_and_a_valid_one_kept(tmp_path):
+    from mmengine.runner import find_latest_checkpoint
+
+    from hemaflow.detect.train import reset_stale_work_dir
+
+    work = tmp_path / "work"
+    reset_stale_work_dir(work, "key")
+    (work / "last_checkpoint").write_text("")  # killed between creating the pointer and writing it
+    reset_stale_work_dir(work, "key")
+    assert find_latest_checkpoint(str(work)) is None  # starts over instead of loading the folder itself
+    (work / "epoch_1.pth").write_bytes(b"saved")
+    (work / "last_checkpoint").write_text(str(work / "epoch_1.pth"))
+    reset_stale_work_dir(work, "key")
+    assert find_latest_checkpoint(str(work)) == str(work / "epoch_1.pth")

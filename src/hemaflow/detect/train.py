@@ -171,6 +171,9 @@ def reset_stale_work_dir(work_dir: Path, key: str) -> bool:
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(key)
+    pointer = work_dir / "last_checkpoint"  # mmengine writes it in place: a kill can leave it empty
+    if pointer.exists() and not Path(pointer.read_text().strip() or work_dir / "none").is_file():
+        pointer.unlink()  # it names no checkpoint: start over rather than "resume" the work dir itself
     return stale
 
 
