@@ -41,13 +41,13 @@ def demo(tmp_path_factory):
     ids=["acevedo", "matek", "wbc1", "acevedo_fields", "matek_fields", "wbc1_fields"],
 )
 def test_each_demo_domain_within_ten_percent(demo, pattern, truth):
-    estimate = estimate_px_per_um(sorted(demo.glob(pattern)))
+    estimate = estimate_px_per_um(sorted(demo.glob(pattern)), images=40)
     assert estimate.px_per_um == pytest.approx(truth, rel=0.10)
     assert estimate.spread[0] <= estimate.px_per_um <= estimate.spread[1] and estimate.red_cells >= 10
 
 
 def test_real_acevedo_within_ten_percent_of_its_published_scale():
-    estimate = estimate_px_per_um(sorted(shared_dataset("acevedo20_subset").glob("*/*.jpg")))
+    estimate = estimate_px_per_um(sorted(shared_dataset("acevedo20_subset").glob("*/*.jpg")), images=40)
     assert estimate.px_per_um == pytest.approx(10.0, rel=0.10)  # CellaVision DM96: 10 px/um
 
 
@@ -55,3 +55,12 @@ def test_images_without_red_cells_say_so():
     with pytest.raises(ValueError, match="too few to estimate the scale"):
         estimate_px_per_um([], images=5)
     assert RED_CELL_DIAMETER_UM == 7.5
+
+
+def test_a_small_folder_is_read_whole_so_its_scale_does_not_depend_on_the_draw():
+    # 40-image draws of these 100 crowded crops gave 8.91 to 9.71 px/um; cells cut 8 % too large
+    # cost the real benchmark's classifier up to 0.13 target macro-F1
+    paths = sorted(shared_dataset("cellavision_blog").glob("*.bmp"))
+    first, second = estimate_px_per_um(paths, seed=0), estimate_px_per_um(paths, seed=1)
+    assert first.images == second.images == 100
+    assert first.px_per_um == second.px_per_um

@@ -107,7 +107,9 @@ def test_import_of_an_uncalibrated_format_estimates_the_scale(tmp_path):
         app, ["data", "import", "segmentation_wbc", str(source), "--name", "cv", "--raw-dir", str(tmp_path)]
     )
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("px_per_um auto: ") and "red cells in 40 images" in result.output
+    assert (
+        result.output.startswith("px_per_um auto: ") and "red cells in 100 images" in result.output
+    )  # the whole folder
     entry = yaml.safe_load(result.output.split("params.yaml (role: source, target or test):\n", 1)[1])[0]
     assert entry["px_per_um"] == "auto"
 

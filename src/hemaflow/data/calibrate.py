@@ -24,6 +24,12 @@ Per image (``red_cell_radii``):
 Over all images the radii are pooled with weights proportional to their areas (specks of debris
 and platelet fragments weigh nothing), and the weighted median and quartiles give the estimate and
 its spread. Checked against the calibrated data (``tests/test_calibrate.py``, README).
+
+Up to 200 images are read, not a few dozen: a small folder of crowded single-cell crops holds one
+or two whole red cells per image, and on the 100 CellaVision blog images 40-image draws gave 8.91
+to 9.71 px/um by seed (41 to 58 red cells), all 100 images 9.54 (121 red cells). Cells cut 8 %
+too large were enough to move a classifier's target macro-F1 by 0.02 to 0.13 (README, real
+benchmark).
 """
 
 from __future__ import annotations
@@ -153,7 +159,7 @@ def _weighted_quantiles(radii: np.ndarray, quantiles: Sequence[float]) -> list[f
     return [float(radii[order][min(np.searchsorted(cumulative, q), len(radii) - 1)]) for q in quantiles]
 
 
-def estimate_px_per_um(paths: Sequence[Path], images: int = 40, seed: int = 0) -> ScaleEstimate:
+def estimate_px_per_um(paths: Sequence[Path], images: int = 200, seed: int = 0) -> ScaleEstimate:
     """The scale of a dataset from up to ``images`` of its images (drawn with ``seed``); ValueError without red cells."""
     rng = np.random.default_rng(seed)
     chosen = [paths[i] for i in sorted(rng.permutation(len(paths))[:images])]
