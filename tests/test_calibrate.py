@@ -64,3 +64,13 @@ def test_a_small_folder_is_read_whole_so_its_scale_does_not_depend_on_the_draw()
     first, second = estimate_px_per_um(paths, seed=0), estimate_px_per_um(paths, seed=1)
     assert first.images == second.images == 100
     assert first.px_per_um == second.px_per_um
+
+
+def test_a_dark_frame_border_does_not_hide_the_red_cells():
+    image = np.full((240, 240, 3), (235, 225, 215), np.uint8)
+    yy, xx = np.mgrid[:240, :240]
+    for cy, cx in ((80, 80), (80, 160), (160, 120)):
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 < 25**2] = (200, 120, 125)
+    edge = np.minimum(np.minimum(xx, 239 - xx), np.minimum(yy, 239 - yy))
+    framed = (image * np.clip(0.15 + 0.85 * edge / 12, 0.15, 1.0)[..., None]).astype(np.uint8)
+    assert red_cell_radii(framed) == pytest.approx([25, 25, 25], abs=1.0)

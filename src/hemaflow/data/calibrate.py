@@ -6,7 +6,7 @@ common and least variable object on a smear: a healthy adult's red cells on a dr
 measure about 7.5 um across (Bain, *Blood Cells: A Practical Guide*, 5th ed.: mean 7.5 um, most
 between 6.7 and 7.7 um on films). So the scale is the red cells' diameter in pixels over 7.5 um.
 
-Per image (``red_cell_radii``):
+Per image (``red_cell_radii``), inside a dark frame border if there is one:
 
 1. cells are the pixels whose Lab colour is far from the plasma's (the median of the brightest
    30 %); a three-class Otsu split of that distance separates plasma, red cells and the darker
@@ -80,6 +80,23 @@ def _two_thresholds(values: np.ndarray) -> tuple[int, int]:
     return chosen
 
 
+def _inside_frame(rgb: np.ndarray) -> np.ndarray:
+    """``rgb`` without a dark frame border (a microscope's field stop, a scanner's rim): the outer rows
+    and columns, up to a quarter of each side, whose mean brightness is below 92 % of the image's
+    typical row or column. The border would otherwise take the darkest Otsu class and the plasma ring
+    test would reject every red cell near it."""
+    grey = rgb.mean(-1)
+    bounds = []
+    for profile in (grey.mean(1), grey.mean(0)):  # rows, then columns
+        dark = profile < 0.92 * np.median(profile)
+        limit = len(profile) // 4
+        first = next((i for i in range(limit) if not dark[i]), limit)
+        last = next((i for i in range(limit) if not dark[len(profile) - 1 - i]), limit)
+        bounds.append((first, len(profile) - last))
+    (top, bottom), (left, right) = bounds
+    return rgb[top:bottom, left:right]
+
+
 def _cells(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float64)
     lightness = lab[..., 0]
@@ -128,7 +145,7 @@ def _edge_radius(distance: np.ndarray, y: int, x: int, r: float) -> float | None
 
 def red_cell_radii(rgb: np.ndarray) -> np.ndarray:
     """Radii (pixels) of the whole, separate red cells of one RGB image (see the module docstring)."""
-    mask, lab, plasma = _cells(rgb)
+    mask, lab, plasma = _cells(_inside_frame(rgb))
     mask = _without_white_cells(mask, lab, plasma)
     distance = np.sqrt(((lab - plasma) ** 2).sum(-1))
     depth = ndi.distance_transform_edt(mask)

@@ -5,7 +5,13 @@ and rendered per *stain domain*: a palette transform, illumination, blur, noise 
 pixel size that mirror Acevedo_20 (10 px/um, 360x363 JPEG), Matek_19 (13.8 px/um, 400x400 RGBA
 TIFF) and WBC1 (11.52 px/um, 288x288 TIFF). Class identity lives in the shapes; the domains
 differ in colour and optics, so a classifier trained on the two source domains loses accuracy
-on the target domain, which is the gap stain translation has to close.
+on the target domain, which is the gap adaptation has to close.
+
+The target domain carries the shifts measured between real labs (README, real cross-lab
+benchmark), not only a colour matrix: a camera response curve per channel, an illumination
+gradient across the image, a dark frame border, JPEG artefacts saved into its TIFFs, and white
+cells 15 % larger in micrometres (the CellaVision blog's lymphocytes measure about 30 % larger
+than Acevedo_20's: smear thickness and spreading differ between labs).
 
 Written layouts (``out`` is ``data/demo`` in the pipeline):
 
@@ -95,15 +101,19 @@ class StainDomain:
     cell_image_px: tuple[int, int]  # (width, height) of a single-cell image
     palette: tuple[tuple[float, float, float], ...]  # 3x3 matrix applied to canonical RGB
     offset: RGB  # added after the palette
-    gamma: float
+    gamma: RGB  # the camera's response curve, per channel
     blur_um: float
     noise: float
     vignette: float  # relative darkening at the image corners
+    gradient: float = 0.0  # relative illumination change across the image, in a random direction
+    border_px: int = 0  # dark frame border (field stop) around single-cell images
+    jpeg_quality: int | None = None  # compression artefacts in images saved losslessly
+    cell_scale: float = 1.0  # white-cell size in micrometres relative to the sources'
 
 
 DOMAINS = {
     "acevedo": StainDomain(
-        "acevedo", 10.0, (360, 363), ((1.0, 0, 0), (0, 1.0, 0), (0, 0, 1.0)), (0, 0, 0), 1.0, 0.08, 0.012, 0.05
+        "acevedo", 10.0, (360, 363), ((1.0, 0, 0), (0, 1.0, 0), (0, 0, 1.0)), (0, 0, 0), (1.0,) * 3, 0.08, 0.012, 0.05
     ),
     "matek": StainDomain(
         "matek",
@@ -111,22 +121,27 @@ DOMAINS = {
         (400, 400),
         ((1.02, 0.10, -0.02), (-0.06, 0.88, 0.10), (0.04, 0.04, 1.0)),
         (-0.02, -0.02, 0.0),
-        1.15,
+        (1.15,) * 3,
         0.10,
         0.015,
         0.08,
     ),
-    # Target: a different stain and camera: greenish-yellow background, washed-out, cooler nuclei.
+    # Target: a different stain and camera: greenish-yellow background, washed-out, cooler nuclei;
+    # a yellowing response curve, uneven light, a dark rim, JPEG artefacts and larger white cells.
     "wbc1": StainDomain(
         "wbc1",
         11.52,
         (288, 288),
         ((0.55, 0.35, 0.02), (0.05, 0.80, 0.15), (0.30, 0.10, 0.42)),
         (0.10, 0.06, 0.12),
-        0.80,
+        (0.75, 0.78, 1.25),
         0.16,
         0.025,
         0.15,
+        gradient=0.25,
+        border_px=10,
+        jpeg_quality=70,
+        cell_scale=1.15,
     ),
 }
 SOURCE_DOMAINS = ("acevedo", "matek")
@@ -213,10 +228,11 @@ CELL_RADIUS_UM = {
 
 
 def _render_wbc(
-    canvas: np.ndarray, xs: np.ndarray, ys: np.ndarray, ppu: float, cls: str, rng: np.random.Generator
+    canvas: np.ndarray, xs: np.ndarray, ys: np.ndarray, ppu: float, cls: str, size: float, rng: np.random.Generator
 ) -> np.ndarray:
-    """Paint one white cell centred at (0, 0) of the (xs, ys) micrometre grid; return its mask."""
-    radius = CELL_RADIUS_UM[cls] * rng.uniform(0.9, 1.1)
+    """Paint one white cell (its radius ``size`` times the class's) centred at (0, 0) of the (xs, ys)
+    micrometre grid; return its mask."""
+    radius = CELL_RADIUS_UM[cls] * size * rng.uniform(0.9, 1.1)
     body = _Blob(0, 0, radius, radius * rng.uniform(0.88, 1.0), rng.random() * np.pi)
     cell = body.coverage(xs, ys, ppu)
     _paint(canvas, cell, CYTOPLASM[cls])
@@ -273,32 +289,42 @@ def _red_cells(canvas: np.ndarray, ppu: float, rng: np.random.Generator, density
 
 
 def _place_wbc(
-    canvas: np.ndarray, ppu: float, cls: str, centre_um: tuple[float, float], rng: np.random.Generator
+    canvas: np.ndarray, ppu: float, cls: str, size: float, centre_um: tuple[float, float], rng: np.random.Generator
 ) -> tuple[int, int, int, int]:
     """Paint a white cell at ``centre_um``; return its box (x1, y1, x2, y2) in pixels."""
     height, width = canvas.shape[:2]
-    reach = CELL_RADIUS_UM[cls] * 1.2 + 1
+    reach = CELL_RADIUS_UM[cls] * size * 1.2 + 1
     cx, cy = centre_um
     x0, x1 = max(int((cx - reach) * ppu), 0), min(int((cx + reach) * ppu) + 1, width)
     y0, y1 = max(int((cy - reach) * ppu), 0), min(int((cy + reach) * ppu) + 1, height)
     ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64)
-    mask = _render_wbc(canvas[y0:y1, x0:x1], (xs + 0.5) / ppu - cx, (ys + 0.5) / ppu - cy, ppu, cls, rng)
+    mask = _render_wbc(canvas[y0:y1, x0:x1], (xs + 0.5) / ppu - cx, (ys + 0.5) / ppu - cy, ppu, cls, size, rng)
     rows, cols = np.nonzero(mask >= 0.5)
     return x0 + int(cols.min()), y0 + int(rows.min()), x0 + int(cols.max()) + 1, y0 + int(rows.max()) + 1
 
 
-def _stain(canvas: np.ndarray, domain: StainDomain, rng: np.random.Generator) -> np.ndarray:
-    """Canonical RGB -> the domain's look, as uint8."""
+def _stain(canvas: np.ndarray, domain: StainDomain, rng: np.random.Generator, border: bool = False) -> np.ndarray:
+    """Canonical RGB -> the domain's look, as uint8 (``border``: with the domain's dark frame border)."""
     image = canvas @ np.asarray(domain.palette).T + np.asarray(domain.offset)
-    image = np.clip(image, 0, 1) ** domain.gamma
+    image = np.clip(image, 0, 1) ** np.asarray(domain.gamma)
     height, width = image.shape[:2]
     yy, xx = np.mgrid[0:height, 0:width]
     corner = ((xx / width - 0.5) ** 2 + (yy / height - 0.5) ** 2) / 0.5
-    image *= (1.0 - domain.vignette * corner)[..., None]
+    light = 1.0 - domain.vignette * corner
+    if domain.gradient:  # drawn only where used, so the other domains keep their bytes
+        turn = rng.random() * 2 * np.pi
+        light *= 1.0 + domain.gradient * ((xx / width - 0.5) * np.cos(turn) + (yy / height - 0.5) * np.sin(turn))
+    if border and domain.border_px:
+        edge = np.minimum(np.minimum(xx, width - 1 - xx), np.minimum(yy, height - 1 - yy))
+        light *= np.clip(0.15 + 0.85 * edge / domain.border_px, 0.15, 1.0)
+    image *= light[..., None]
     sigma = domain.blur_um * domain.px_per_um
     image = gaussian_filter(image, sigma=(sigma, sigma, 0))
     image += rng.normal(0, domain.noise, image.shape)
-    return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+    image = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+    if domain.jpeg_quality is not None:
+        image = np.asarray(Image.open(io.BytesIO(_jpeg(image, domain.jpeg_quality))))
+    return image
 
 
 def render_cell_image(domain: StainDomain, cls: str, rng: np.random.Generator) -> np.ndarray:
@@ -309,8 +335,8 @@ def render_cell_image(domain: StainDomain, cls: str, rng: np.random.Generator) -
     canvas[:] = PLASMA
     _red_cells(canvas, ppu, rng, density=0.45)
     centre = (width / ppu / 2 + rng.uniform(-1, 1), height / ppu / 2 + rng.uniform(-1, 1))
-    _place_wbc(canvas, ppu, cls, centre, rng)
-    return _stain(canvas, domain, rng)
+    _place_wbc(canvas, ppu, cls, domain.cell_scale, centre, rng)
+    return _stain(canvas, domain, rng, border=True)
 
 
 def render_field(
@@ -328,7 +354,7 @@ def render_field(
     centres: list[tuple[float, float, float]] = []
     cells = []
     for cls in classes:
-        reach = CELL_RADIUS_UM[cls] * 1.15
+        reach = CELL_RADIUS_UM[cls] * domain.cell_scale * 1.15
         for _ in range(200):
             x, y = rng.uniform(reach, FIELD_UM[0] - reach), rng.uniform(reach, FIELD_UM[1] - reach)
             # boxes apart, not only cells: overlapping ground-truth boxes would blur the detector's task
@@ -337,13 +363,13 @@ def render_field(
         else:
             continue
         centres.append((x, y, reach))
-        cells.append((cls, _place_wbc(canvas, ppu, cls, (x, y), rng)))
+        cells.append((cls, _place_wbc(canvas, ppu, cls, domain.cell_scale, (x, y), rng)))
     return _stain(canvas, domain, rng), cells
 
 
-def _jpeg(image: np.ndarray) -> bytes:
+def _jpeg(image: np.ndarray, quality: int = 92) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=92)
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
