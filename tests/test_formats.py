@@ -89,6 +89,11 @@ def test_duplicates_rows_are_dropped_and_overlaps_and_copies_reported():
     assert [f.file for f in copies] == ["x/1.jpg", "y/9.jpg"] and "a test image is also a training image" in copies[
         0
     ].detail
+    # one folder split into parts by design: nothing to flag, unless a part is tested on and another trained on
+    parts = same_bytes([("b/1.bmp", "target", "h1"), ("b/1.bmp", "test", "h1"), ("b/2.bmp", "target", "h2")])
+    assert parts == []
+    leaked = same_bytes([("b/1.bmp", "source", "h1"), ("b/1.bmp", "test", "h1")])
+    assert [f.file for f in leaked] == ["b/1.bmp"] and leaked[0].detail.startswith("one file read by several datasets")
 
 
 # -------------------------------------------------------------------------------------- segmentation_WBC

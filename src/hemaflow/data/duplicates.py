@@ -62,15 +62,12 @@ def same_bytes(files: Iterable[tuple[str, str, str]]) -> list[Finding]:
             continue
         roles = sorted({role for _, role in copies})
         leak = " - a test image is also a training image" if "test" in roles and "source" in roles else ""
-        for name, _ in copies:
-            others = ", ".join(n for n, _ in copies if n != name)
+        for name in dict.fromkeys(n for n, _ in copies):
+            others = ", ".join(dict.fromkeys(n for n, _ in copies if n != name))
+            if not others and not leak:  # one file that several datasets read by design (parts of a folder)
+                continue
+            detail = f"same bytes as {others}" if others else "one file read by several datasets"
             findings.append(
-                Finding(
-                    name,
-                    name,
-                    "flagged",
-                    "duplicate_image",
-                    f"same bytes as {others} (roles: {', '.join(roles)}){leak}",
-                )
+                Finding(name, name, "flagged", "duplicate_image", f"{detail} (roles: {', '.join(roles)}){leak}")
             )
     return findings
