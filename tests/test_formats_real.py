@@ -179,4 +179,4 @@ def test_one_folder_as_unlabelled_target_few_shot_slice_and_test_keeps_each_cell
     # one camera, one scale: the folder is estimated once, whichever part of it a dataset keeps
     scales = json.loads((tmp_path / "data.json").read_text())["estimated_scale"]
     assert scales["blog"] == scales["blog_slice"] == scales["blog_test"]
-    assert scales["blog"]["images"] == min(40, 100)
+    assert scales["blog"]["images"] == 100  # the whole folder
