@@ -26,10 +26,10 @@ and platelet fragments weigh nothing), and the weighted median and quartiles giv
 its spread. Checked against the calibrated data (``tests/test_calibrate.py``, README).
 
 Images are read until 400 whole red cells or 200 images, not a fixed few dozen: a small folder of
-crowded single-cell crops holds one or two whole red cells per image, and on the 100 CellaVision blog images 40-image draws gave 8.91
-to 9.71 px/um by seed (41 to 58 red cells), all 100 images 9.54 (121 red cells). Cells cut 8 %
-too large were enough to move a classifier's target macro-F1 by 0.02 to 0.13 (README, real
-benchmark).
+crowded single-cell crops holds one or two whole red cells per image. On the 100 CellaVision blog
+images, 40-image draws gave 8.91 to 9.71 px/um by seed (41 to 58 red cells), all 100 images 9.54
+(120 red cells). Cells cut 7 % too large were enough to move a classifier's target macro-F1 by
+0.02 to 0.13 (README, real benchmark).
 """
 
 from __future__ import annotations
@@ -180,15 +180,15 @@ def estimate_px_per_um(paths: Sequence[Path], images: int = 200, seed: int = 0, 
     """The scale of a dataset from its images in a random order (drawn with ``seed``), read until
     ``red_cells`` whole red cells or ``images`` images; ValueError without red cells."""
     rng = np.random.default_rng(seed)
-    radii, used = [], 0
+    radii, used, found = [], 0, 0
     for index in rng.permutation(len(paths))[:images]:
         try:
             rgb = load_rgb(Path(paths[index]), MAX_FIELD_PIXELS)[0]
         except ImageRejected:
             continue
         radii.append(red_cell_radii(rgb))
-        used += 1
-        if sum(map(len, radii)) >= red_cells:  # smear fields hold dozens each: no need to read 200
+        used, found = used + 1, found + len(radii[-1])
+        if found >= red_cells:  # smear fields hold dozens each: no need to read 200
             break
     pooled = np.concatenate(radii) if radii else np.zeros(0)
     if len(pooled) < 5:
