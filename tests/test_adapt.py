@@ -94,7 +94,7 @@ def _selection(atc, slice_f1=None):
     return {
         "atc_target_accuracy": atc,
         "target_labelled_cells": 0 if slice_f1 is None else 50,
-        "target_labelled_macro_f1": slice_f1,
+        "target_labelled_coarse_macro_f1": slice_f1,
     }
 
 

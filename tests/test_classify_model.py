@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import load
-from hemaflow.classify.data import EpochSampler, class_weights
+from hemaflow.classify.data import EpochSampler, class_weights, with_slice_share
 from hemaflow.classify.inference import average_probabilities
 from hemaflow.classify.model import (
     BACKBONE_ALIASES,
@@ -96,3 +96,18 @@ def test_epoch_sampler_partitions_ranks_and_balances_classes():
     again = EpochSampler(100, seed=1)
     first.set_epoch(3), again.set_epoch(3)
     assert list(first) == list(again)
+
+
+def test_a_small_labelled_target_slice_takes_its_share_of_the_draws_balanced_among_its_classes():
+    # 1,000 class-balanced source cells and a 20-cell slice (15 of class 0, 5 of class 1)
+    labels = [0] * 500 + [1] * 500 + [0] * 15 + [1] * 5
+    from_slice = np.arange(len(labels)) >= 1000
+    weights = with_slice_share(class_weights(labels, 2)[labels], labels, from_slice, 0.25)
+    assert float(weights[from_slice].sum() / weights.sum()) == pytest.approx(0.25)
+    drawn = np.array(list(EpochSampler(len(labels), seed=3, weights=weights)))
+    sliced = drawn[from_slice[drawn]]
+    assert 0.2 <= len(sliced) / len(drawn) <= 0.3  # a quarter of the epoch, not 2 % as by its size
+    slice_labels = np.array(labels)[sliced]
+    assert 0.4 <= slice_labels.mean() <= 0.6  # its rare class drawn as often as its common one
+    source_only = with_slice_share(None, labels, from_slice, 0.0)
+    assert float(source_only[from_slice].sum()) == 0.0  # share 0: the slice is never drawn

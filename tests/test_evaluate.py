@@ -57,7 +57,7 @@ def test_compare_builds_the_table_with_intervals_and_a_report_whose_links_resolv
     prepared, _ = tiny_prepared
     metrics = tmp_path / "metrics"
     for method, oof, target, atc in (("none", 0.95, 0.55, 0.62), ("reinhard", 0.93, 0.81, 0.58)):
-        selection = {"atc_target_accuracy": atc, "target_labelled_cells": 0, "target_labelled_macro_f1": None}
+        selection = {"atc_target_accuracy": atc, "target_labelled_cells": 0, "target_labelled_coarse_macro_f1": None}
         _write(metrics / "classify" / f"{method}.json", {"oof": {"macro_f1": oof}, "selection": selection})
         overall = _scores(target) | {"cytologia": {"score": target, "score_interval": [0.5, 0.9], "missed_boxes": 2}}
         _write(

@@ -180,3 +180,48 @@ def test_one_folder_as_unlabelled_target_few_shot_slice_and_test_keeps_each_cell
     scales = json.loads((tmp_path / "data.json").read_text())["estimated_scale"]
     assert scales["blog"] == scales["blog_slice"] == scales["blog_test"]
     assert scales["blog"]["images"] == 100  # the whole folder
+
+
+def test_a_target_with_detector_boxes_trains_the_detector_on_its_boxes_and_keeps_its_cells_unlabelled(tmp_path):
+    import pandas as pd
+
+    from conftest import load
+    from hemaflow.data.prepare import prepare
+
+    root = shared_dataset("bccd").parent
+    bccd = {"format": "bccd", "path": "bccd", "px_per_um": 12.3, "domain": "bccd"}
+    params = load(
+        {
+            "prepare": {
+                "root": str(root),
+                "folds": 5,
+                "datasets": [
+                    {
+                        "name": "pbc",
+                        "format": "acevedo20",
+                        "path": "acevedo20_subset",
+                        "role": "source",
+                        "px_per_um": 10.0,
+                        "part": [0.0, 0.05],
+                    },
+                    {"name": "bccd", "subset": "trainval", "role": "target", "detector_boxes": True, **bccd},
+                    {"name": "bccd_test", "subset": "test", "role": "test", **bccd},
+                ],
+            }
+        }
+    ).prepare
+    prepare(params=params, seed=0, out=tmp_path / "prepared", metrics=tmp_path / "data.json", plots=tmp_path / "plots")
+    cells = pd.read_csv(tmp_path / "prepared" / "cells.csv", keep_default_na=False)
+    target = cells[cells["dataset"] == "bccd"]
+    assert set(target["role"]) == {"target"} and set(target["fine_class"]) == {""}  # no class reaches training
+    assert set(target["split"]) == {"train", "val"}
+    coco = {
+        s: json.loads((tmp_path / "prepared" / "coco" / f"{s}.json").read_text()) for s in ("train", "val", "target")
+    }
+    real_boxes = sum(1 for a in coco["train"]["annotations"] + coco["val"]["annotations"])
+    assert real_boxes == len(
+        target
+    )  # every trainval WBC box trains or validates the detector (derived backgrounds add none)
+    assert len(coco["val"]["images"]) > 0 and coco["target"]["images"] == []
+    test = json.loads((tmp_path / "prepared" / "coco" / "test.json").read_text())
+    assert len(test["annotations"]) == 71  # the test split is never a training field

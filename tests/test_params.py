@@ -58,6 +58,16 @@ def test_cross_section_rules():
         parse_params(params_data({"adapt": {"deploy": "nothing"}}))
     with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.few_shot needs a dataset with role: target_labelled"):
         parse_params(params_data({"adapt": {"methods": {"few": recipe(few_shot=True)}}}))
+    data = params_data({"adapt": {"methods": {"few": recipe(few_shot=True)}}, "classify": {"folds": 1}})
+    data["prepare"]["datasets"].append({**data["prepare"]["datasets"][2], "name": "slice", "role": "target_labelled"})
+    with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.few_shot needs classify\.folds >= 2"):
+        parse_params(data)
+    data = params_data()
+    data["prepare"]["datasets"][0]["detector_boxes"] = True  # the demo's first dataset is a source
+    with pytest.raises(
+        ParamsError, match=r"prepare\.datasets\.0: .*detector_boxes is for role target only, not source"
+    ):
+        parse_params(data)
     data = params_data()
     data["prepare"]["datasets"] = [d for d in data["prepare"]["datasets"] if d["role"] != "target"]
     data["translate"] |= {"methods": ["none"], "cyclegan": data["translate"]["cyclegan"] | {"train": False}}

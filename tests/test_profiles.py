@@ -79,5 +79,7 @@ def test_the_real_data_profile_runs_end_to_end_with_no_detector(tmp_path):
     evaluation = json.loads((work / "metrics" / "evaluate" / "none.json").read_text())
     # the blog's 100 cells: a fixed 30 % is the labelled few-shot slice, the other 68 the test split
     assert evaluation["detector"] == "none" and evaluation["domains"]["cellavision"]["cells"] == 68
+    selection = json.loads((work / "metrics" / "classify" / "none.json").read_text())["selection"]
+    assert selection["target_labelled_cells"] == 32  # every slice cell scored, though one fold model is trained
     report = (work / "reports" / "README.md").read_text()
     assert "No detector took part" in report and "cellavision (test)" in report

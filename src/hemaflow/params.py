@@ -154,6 +154,10 @@ class DatasetParams(_Section):
     """Keep only the images whose fixed pseudo-random position (a hash of the file name) lies in
     [start, end): two entries of one dataset with [0, 0.25] and [0.25, 1] split it into disjoint
     parts, e.g. a labelled target slice (role target_labelled) and the test split."""
+    detector_boxes: bool = False
+    """Role target only: the dataset's white-cell boxes (never its classes) also train the detector,
+    its fields split into train and val folds like a source's. For a new lab that drew boxes on its
+    smears but named no cell: the classifier still sees its cells unlabelled."""
 
     @field_validator("part")
     @classmethod
@@ -161,6 +165,15 @@ class DatasetParams(_Section):
         if part is not None and part[0] >= part[1]:
             raise ValueError(f"part [{part[0]}, {part[1]}]: start must be below end")
         return part
+
+    @model_validator(mode="after")
+    def _boxes_of_a_target(self) -> DatasetParams:
+        if self.detector_boxes and self.role is not Role.target:
+            raise ValueError(
+                f"detector_boxes is for role target only, not {self.role.value} (a source's boxes always train the "
+                "detector, a test or labelled slice's never do)"
+            )
+        return self
 
     @property
     def domain_name(self) -> str:
@@ -357,6 +370,10 @@ class Recipe(_Section):
     confidence puts at or above this value, with their predicted class; null: off."""
     few_shot: bool
     """Also train on the labelled target slice (datasets with role: target_labelled)."""
+    few_shot_share: Fraction = 0.25
+    """With few_shot: the share of each epoch's draws taken from the slice (class-balanced within
+    it). A slice of a few dozen cells among a thousand source cells is otherwise drawn about as
+    often as its size, and the model barely learns the target from it (README, real benchmark)."""
 
     @field_validator("augment")
     @classmethod
@@ -558,6 +575,11 @@ class Params(_Section):
                 )
             if recipe.few_shot and Role.target_labelled not in roles:
                 raise ValueError(f"adapt.methods.{name}.few_shot needs a dataset with role: target_labelled")
+            if recipe.few_shot and self.classify.folds < 2:
+                raise ValueError(
+                    f"adapt.methods.{name}.few_shot needs classify.folds >= 2: each fold model trains on the slice "
+                    "cells that another holds out to score it"
+                )
             if recipe.translate is not Translation.cyclegan and recipe.translate not in self.translate.methods:
                 raise ValueError(f"adapt.methods.{name}.translate={recipe.translate.value} is not in translate.methods")
             if recipe.translate is Translation.cyclegan and not self.translate.cyclegan.train:

@@ -73,17 +73,17 @@ def choose_method(selection: dict[str, dict]) -> tuple[str, str]:
     """The adaptation method to deploy, from each method's ``selection`` scores (train_classifier's
     metrics: no test label is among them) -> (method, why).
 
-    With a labelled target slice, the best out-of-fold macro-F1 on it: the target's own labels,
-    however few, beat any proxy. Without one, the highest ATC estimate of target accuracy: it needs
+    With a labelled target slice, the best out-of-fold macro-F1 on it over coarse groups (the five
+    main types where the target holds only those): the target's own labels, however few, beat any proxy. Without one, the highest ATC estimate of target accuracy: it needs
     no target label, and where ATC was measured (Garg et al. 2022) its error under natural shift is
     a few points, smaller than the gaps between adaptation methods here. Ties go to the method
     listed first in adapt.methods."""
     methods = list(selection)
-    if any(s["target_labelled_macro_f1"] is not None for s in selection.values()):
-        best = max(methods, key=lambda m: -1.0 if (v := selection[m]["target_labelled_macro_f1"]) is None else v)
-        score = selection[best]["target_labelled_macro_f1"]
+    if any(s["target_labelled_coarse_macro_f1"] is not None for s in selection.values()):
+        best = max(methods, key=lambda m: -1.0 if (v := selection[m]["target_labelled_coarse_macro_f1"]) is None else v)
+        score = selection[best]["target_labelled_coarse_macro_f1"]
         cells = selection[best]["target_labelled_cells"]
-        return best, f"best macro-F1 on the labelled target slice ({score:.4f}, {cells} cells, out of fold)"
+        return best, f"best coarse macro-F1 on the labelled target slice ({score:.4f}, {cells} cells, out of fold)"
     if any(s["atc_target_accuracy"] is not None for s in selection.values()):
         best = max(methods, key=lambda m: -1.0 if (v := selection[m]["atc_target_accuracy"]) is None else v)
         return (

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Sampler
 from hemaflow.params import AugmentParams
 from hemaflow.tables import read_crop
 
-__all__ = ["FDA_REFERENCES", "CellDataset", "EpochSampler", "build_transform", "class_weights"]
+__all__ = ["FDA_REFERENCES", "CellDataset", "EpochSampler", "build_transform", "class_weights", "with_slice_share"]
 
 FDA_REFERENCES = "fda_metadata"  # the transform's metadata key: unlabelled target cells, RGB uint8
 
@@ -109,6 +109,25 @@ def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
     counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
     weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
     return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
+
+
+def with_slice_share(
+    weights: torch.Tensor | None, labels: Sequence[int], from_slice: np.ndarray, share: float
+) -> torch.Tensor:
+    """Per-cell draw weights in which the labelled target slice's cells (``from_slice``), class-balanced
+    among themselves, take ``share`` of the total and the other cells keep their relative ``weights``
+    (None: uniform) for the rest."""
+    rest = torch.ones(len(labels)) if weights is None else weights.clone().float()
+    in_slice = torch.from_numpy(np.asarray(from_slice, dtype=bool))
+    slice_labels = np.asarray(labels)[in_slice.numpy()]
+    balanced = class_weights(slice_labels, int(slice_labels.max()) + 1)[slice_labels]
+    rest[in_slice] = 0.0
+    if rest.sum() == 0:  # nothing but the slice to draw from
+        share = 1.0
+    else:
+        rest *= (1 - share) / rest.sum()
+    rest[in_slice] = balanced * share / balanced.sum()
+    return rest
 
 
 class EpochSampler(Sampler[int]):

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from hemaflow._io import write_csv, write_json
 from hemaflow.classify.adapt import adapt_batch_norm, average_thresholded_confidence, confident_pseudo_labels
-from hemaflow.classify.data import CellDataset, EpochSampler, build_transform, class_weights
+from hemaflow.classify.data import CellDataset, EpochSampler, build_transform, class_weights, with_slice_share
 from hemaflow.classify.inference import fold_logits, predict_logits
 from hemaflow.classify.model import (
     KnnClassifier,
@@ -43,6 +43,7 @@ from hemaflow.classify.model import (
     resolve_backbone,
     save_classifier,
 )
+from hemaflow.data.classes import load_class_matrix
 from hemaflow.errors import HemaflowError
 from hemaflow.metrics import SPREAD_KEYS, across_seeds, classification_metrics, expected_calibration_error
 from hemaflow.params import ClassifyParams, ModelParams, Recipe
@@ -90,6 +91,9 @@ def _fit_fold(
     val_set = CellDataset(list(val["path"]), [index[c] for c in val["fine_class"]], plain)
     weights = class_weights(train_labels, len(classes))
     sample_weights = weights[train_labels] if params.balance == "sampler" else None
+    from_slice = (train["role"] == "target_labelled").to_numpy()
+    if from_slice.any():
+        sample_weights = with_slice_share(sample_weights, train_labels, from_slice, job.recipe.few_shot_share)
     sampler = EpochSampler(len(train_set), seed + fold, sample_weights, runtime.rank, runtime.world_size)
     per_process_batch = max(params.batch_size // runtime.world_size, 2)
     loader = DataLoader(
@@ -351,12 +355,14 @@ def _train_folds(
     """One seed's fold models, saved in ``out`` (learning curves in ``curves``, if given)."""
     params, recipe, runtime, classes = job.params, job.recipe, job.runtime, job.classes
     run, oof_parts, few_shot_parts = _Run(), [], []
+    # every slice cell is held out by exactly one fold model, even where prepare made more folds
+    slice_fold = few_shot["fold"] % params.folds
     for fold in range(params.folds):
         train, val = source[source["fold"] != fold], source[source["fold"] == fold]
         if val.empty:
             raise HemaflowError(f"classify: fold {fold} has no labelled source cells; lower classify.folds")
         if recipe.few_shot:
-            train = pd.concat([train, few_shot[few_shot["fold"] != fold]])
+            train = pd.concat([train, few_shot[slice_fold != fold]])
         key = fingerprint(
             job.model_params.model_dump(),
             params.model_dump(exclude={"num_workers", "device"}),
@@ -395,7 +401,7 @@ def _train_folds(
             target_set = CellDataset(list(job.target["path"]), [0] * len(job.target), plain)
             run.adapted_layers = adapt_batch_norm(model, DataLoader(target_set, 64), runtime.device)
         run.target_probabilities.append(_probabilities(job, model, card, list(job.target["path"]), temperature))
-        held_out = few_shot[few_shot["fold"] == fold]
+        held_out = few_shot[slice_fold == fold]
         slice_probabilities = _probabilities(job, model, card, list(held_out["path"]), temperature)
         few_shot_parts.append(held_out.assign(predicted=[classes[i] for i in slice_probabilities.argmax(1)]))
         card = replace(
@@ -455,6 +461,7 @@ def _report(
     scores across seeds (``spread``: each seed's scores), what the adaptation did and the scores that
     choose a method without test labels; confusion and reliability data for DVC."""
     oof = run.oof
+    coarse_of = load_class_matrix().coarse_of
     scores = classification_metrics(list(oof["fine_class"]), list(oof["predicted"]))
     correct = (oof["fine_class"] == oof["predicted"]).to_numpy(float)
     target_confidence = np.mean(run.target_probabilities, axis=0).max(1) if len(run.target_probabilities[0]) else None
@@ -486,8 +493,10 @@ def _report(
                 if target_confidence is None
                 else average_thresholded_confidence(oof["confidence"].to_numpy(), correct, target_confidence),
                 "target_labelled_cells": len(few_shot),
-                "target_labelled_macro_f1": classification_metrics(
-                    list(few_shot["fine_class"]), list(few_shot["predicted"])
+                # coarse groups, as the headline target score: a slice's fine labels are often
+                # coarser than the source's (a "neutrophil" is neither segmented nor band)
+                "target_labelled_coarse_macro_f1": classification_metrics(
+                    list(few_shot["fine_class"].map(coarse_of)), [coarse_of.get(c, c) for c in few_shot["predicted"]]
                 )["macro_f1"]
                 if len(few_shot)
                 else None,

@@ -9,7 +9,8 @@ Outputs (under ``out``, replaced atomically):
   rescaled field used by the detector
 - ``crops/<cell_id>.png``: the cell at ``crop.fov_um`` resampled to ``crop.pixels``
 - ``fields/<dataset>/*.png`` + ``coco/{train,val,test,target}.json``: smear fields at
-  ``fields.px_per_um``, single category ``wbc``
+  ``fields.px_per_um``, single category ``wbc`` (train and val: the source's fields, and those of
+  a target with ``detector_boxes``)
 - ``findings.csv``: every rejected, repaired, clipped, converted or unlabelled file or row
 """
 
@@ -379,8 +380,10 @@ def prepare(*, params: PrepareParams, seed: int, out: Path, metrics: Path, plots
         source = images["role"] == Role.source.value
         # the labelled target slice gets folds too: each fold model is scored on slice cells it never saw
         few_shot = images["role"] == Role.target_labelled.value
+        # a target whose boxes train the detector is split into its train and val fields like a source
+        target_boxes = images["dataset"].isin([name for name, d in resolved.items() if d.detector_boxes])
         try:
-            for chosen in (source, few_shot):
+            for chosen in (source, few_shot, target_boxes):
                 if chosen.any():
                     images.loc[chosen, "fold"] = assign_folds(list(images.loc[chosen, "strata"]), params.folds, seed)
         except ValueError as exc:
@@ -389,7 +392,9 @@ def prepare(*, params: PrepareParams, seed: int, out: Path, metrics: Path, plots
             held_out = source & (images["fold"] == params.test_fold)
             images.loc[held_out, "role"] = Role.test.value
             source &= ~held_out
-        images["split"] = np.where(source, np.where(images["fold"] == params.val_fold, "val", "train"), images["role"])
+        images["split"] = np.where(
+            source | target_boxes, np.where(images["fold"] == params.val_fold, "val", "train"), images["role"]
+        )
         images = images.drop(columns="strata")
         cells = pd.DataFrame(cell_rows, columns=[c for c in CELL_COLUMNS if c not in ("fold", "split")])
         # one image file may serve several datasets (a target's unlabelled and test parts): key on both

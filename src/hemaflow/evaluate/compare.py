@@ -216,7 +216,9 @@ def _report(
                 "ECE (calibrated / raw)": f"{e['calibration']['ece']:.4f} / {e['calibration']['ece_uncalibrated']:.4f}",
                 "test cells": overall["cells"],
                 "est. target acc. (ATC, no labels)": _optional(result["selection"][method]["atc_target_accuracy"]),
-                "target slice macro-F1": _optional(result["selection"][method]["target_labelled_macro_f1"]),
+                "target slice macro-F1 (coarse)": _optional(
+                    result["selection"][method]["target_labelled_coarse_macro_f1"]
+                ),
             }
         )
     lines = [
