@@ -19,6 +19,7 @@ from hemaflow.classify.adapt import (
     choose_method,
     confident_pseudo_labels,
 )
+from hemaflow.classify.data import CellDataset, EpochSampler, build_transform, with_slice_share
 from hemaflow.classify.train import train_classifier
 from hemaflow.params import Recipe
 
@@ -80,6 +81,66 @@ def test_adabn_leaves_a_model_without_batch_norm_unchanged():
     images, labels = _spot_images(32, 2)
     assert adapt_batch_norm(model, DataLoader(TensorDataset(images, labels), 8), torch.device("cpu")) == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _centre_images(count: int, seed: int, centre: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat grey 8x8 images; class 1's 2x2 centre is ``centre`` brighter (negative: darker)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, count)
+    images = 0.3 + 0.05 * rng.standard_normal((count, 8, 8))
+    images[labels == 1, 3:5, 3:5] += centre
+    return torch.tensor(images.reshape(count, 64), dtype=torch.float32), torch.tensor(labels)
+
+
+def _few_shot_accuracies(share: float) -> tuple[float, float]:
+    """(target, source) accuracy of a small network trained on 512 source cells (class 1: a bright
+    centre) and a 16-cell labelled target slice (class 1: a dark centre), the slice drawn at ``share``."""
+    source_images, source_labels = _centre_images(512, 0, 0.4)
+    slice_images, slice_labels = _centre_images(16, 1, -0.25)
+    images, labels = torch.cat([source_images, slice_images]), torch.cat([source_labels, slice_labels])
+    weights = with_slice_share(None, labels.tolist(), np.arange(len(labels)) >= 512, share)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2))
+    optimizer = torch.optim.Adam(model.parameters(), 0.01)
+    sampler = EpochSampler(len(labels), 0, weights)
+    for epoch in range(15):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        for start in range(0, len(order), 32):
+            batch = order[start : start + 32]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
+            optimizer.step()
+    return _accuracy(model, *_centre_images(400, 2, -0.25)), _accuracy(model, *_centre_images(400, 3, 0.4))
+
+
+def test_a_small_target_slice_drawn_at_its_share_repairs_a_shift_that_its_size_alone_does_not():
+    # the target's class cue is inverted: no colour or statistics method can repair that, labels can
+    by_size_target, by_size_source = _few_shot_accuracies(16 / 528)
+    shared_target, shared_source = _few_shot_accuracies(0.25)
+    assert by_size_target < 0.6 and by_size_source > 0.95  # 16 cells among 512 are barely learnt
+    assert shared_target > 0.9 and shared_source > 0.95  # a quarter of each epoch: learnt, source kept
+
+
+def test_the_fda_recipe_moves_source_cells_toward_the_target_colours():
+    params = load({}).classify
+    off = dict.fromkeys(["hflip", "vflip", "rot90", "affine", "brightness_contrast", "gamma", "hue_saturation"], 0.0)
+    augment = params.augment.model_copy(
+        update=off | {"blur": 0.0, "coarse_dropout": 0.0, "fda": params.augment.fda.model_copy(update={"p": 1.0})}
+    )
+    rng = np.random.default_rng(0)
+
+    def cells(colour: list[int], count: int) -> list[np.ndarray]:
+        noise = 20 * rng.standard_normal((count, 64, 64, 3))
+        return list(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8))
+
+    source, target = cells([200, 120, 160], 32), cells([120, 140, 210], 4)  # pink source, blue target
+    transform = build_transform(64, (0, 0, 0), (1, 1, 1), augment, ["fda"])
+    transform.set_random_seed(0)
+    adapted = CellDataset(source, [0] * len(source), transform, target)
+    after = np.mean([adapted[i][0].numpy().mean((1, 2)) for i in range(len(source))], 0)
+    before, goal = np.mean(source, (0, 1, 2)) / 255, np.mean(target, (0, 1, 2)) / 255
+    assert np.all((after - before) / (goal - before) > 0.2)  # every channel a fifth of the way or more
 
 
 def test_pseudo_labels_only_above_the_threshold():
