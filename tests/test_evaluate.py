@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, hemaflow_command, load, run
-from hemaflow.evaluate.compare import compare
+from hemaflow.evaluate.compare import against_baseline, compare
 from hemaflow.evaluate.evaluate import coverage_curve, evaluate
-from hemaflow.metrics import MISSED
+from hemaflow.metrics import MISSED, bootstrap_interval, label_scores
 from hemaflow.predict import image_names
 
 
@@ -97,11 +97,20 @@ def test_compare_builds_the_table_with_intervals_and_a_report_whose_links_resolv
     for translation in ("none", "reinhard"):
         (plots / "translate" / translation).mkdir(parents=True)
         (plots / "translate" / translation / "samples.png").write_bytes(b"png")
+    evaluated = tmp_path / "evaluated"
+    evaluated.mkdir()
+    truth = ["neutrophil_segmented", "lymphocyte_typical", "monocyte", "eosinophil"] * 5
+    cells = pd.DataFrame({"cell_id": range(20), "image": [f"i{k}" for k in range(20)], "fine_class": truth})
+    cells.assign(predicted=["monocyte"] * 20).to_csv(evaluated / "none.csv", index=False)
+    cells.assign(predicted=truth).to_csv(evaluated / "reinhard.csv", index=False)
     compare(
         methods=["none", "reinhard"],
         deployed="auto",
         translations=["none", "reinhard"],
         metrics=metrics,
+        evaluated=evaluated,
+        evaluation=load({}).evaluate,
+        seed=0,
         prepared=prepared,
         translated=translated,
         out=metrics / "cross_domain.json",
@@ -120,6 +129,42 @@ def test_compare_builds_the_table_with_intervals_and_a_report_whose_links_resolv
     assert (table["deployed_method"], table["best_on_test"]) == ("none", "reinhard")
     assert "is **none**: highest estimated target accuracy without target labels (ATC 0.6200)" in text
     assert all(p.exists() for p in _links(report)) and len(_links(report)) >= 4
+    gain = table["coarse_macro_f1_minus_none"]["reinhard"]  # every cell right against a quarter
+    assert gain["coarse_macro_f1"] == pytest.approx(1 - 0.1, abs=1e-9) and gain["interval"][0] > 0.5
+    assert "| +0.9000 [" in text and "minus none, paired" in text
+
+
+def test_a_paired_interval_separates_methods_that_two_separate_intervals_cannot():
+    rng = np.random.default_rng(0)
+    types = np.array(["neutrophil_segmented", "lymphocyte_typical", "monocyte", "eosinophil", "basophil"])
+    truth = types[rng.integers(0, 5, 60)]
+    wrong = np.array([types[(list(types).index(t) + 1) % 5] for t in truth])
+    # none is right on about 70 % of the cells; the method on the same cells and on 10 more
+    baseline_right = rng.random(60) < 0.7
+    method_right = baseline_right.copy()
+    method_right[np.flatnonzero(~baseline_right)[:10]] = True
+    cells = pd.DataFrame({"cell_id": range(60), "image": [f"i{k}" for k in range(60)], "fine_class": truth})
+    none = cells.assign(predicted=np.where(baseline_right, truth, wrong))
+    method = cells.assign(predicted=np.where(method_right, truth, wrong))
+    evaluation = load({}).evaluate
+    gain = against_baseline(method, none, evaluation, seed=0)
+    assert gain["coarse_macro_f1"] > 0 and gain["interval"][0] > 0  # never worse on any resample: the gain holds
+    code = {t: i for i, t in enumerate(types)}
+    coded = {name: frame["predicted"].map(code).to_numpy() for name, frame in (("none", none), ("method", method))}
+    truth_codes = cells["fine_class"].map(code).to_numpy()
+    (_, none_high), (method_low, _) = (
+        bootstrap_interval(
+            lambda rows, p=p: label_scores(truth_codes[rows], p[rows])["macro_f1"],
+            list(cells["image"]),
+            evaluation.bootstrap,
+            evaluation.confidence,
+            0,
+        )
+        for p in (coded["none"], coded["method"])
+    )
+    assert method_low < none_high  # the two intervals, each on its own, overlap
+    same = against_baseline(none, none, evaluation, seed=0)
+    assert same["coarse_macro_f1"] == 0 and same["interval"] == [0.0, 0.0]
 
 
 def test_coverage_curve_accepts_the_most_confident_cells_first():

@@ -387,6 +387,7 @@ def evaluate_command(
 @app.command("compare")
 def compare_command(
     metrics: Annotated[Path, typer.Option(help="The metrics folder the other stages wrote.")],
+    evaluated: Annotated[Path, typer.Option(help="Folder of evaluate's per-cell tables (<method>.csv).")],
     prepared: Annotated[Path, typer.Option(help="Prepared folder (the untranslated cells).")],
     translated: Annotated[Path, typer.Option(help="Folder of the translate stages' outputs.")],
     out: Annotated[Path, typer.Option(help="The cross-domain table (JSON) to write.")],
@@ -405,6 +406,9 @@ def compare_command(
             deployed=params.adapt.deploy,
             translations=params.translations,
             metrics=metrics,
+            evaluated=evaluated,
+            evaluation=params.evaluate,
+            seed=params.base.seed,
             prepared=prepared,
             translated=translated,
             out=out,

@@ -14,12 +14,16 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from hemaflow._io import write_csv, write_figure, write_json, write_text
 from hemaflow.classify.adapt import choose_method
+from hemaflow.data.classes import load_class_matrix
 from hemaflow.errors import HemaflowError
+from hemaflow.metrics import bootstrap_interval, label_scores
+from hemaflow.params import EvaluateParams
 from hemaflow.translate.domain import domain_map
 
 __all__ = ["compare"]
@@ -31,6 +35,30 @@ def _read(path: Path) -> dict:
     if not path.exists():
         raise HemaflowError(f"{path}: missing; run `dvc repro` for the stage that writes it")
     return json.loads(path.read_text())
+
+
+def against_baseline(
+    method: pd.DataFrame, baseline: pd.DataFrame, evaluation: EvaluateParams, seed: int
+) -> dict[str, float | list[float]]:
+    """A method's coarse macro-F1 minus the baseline's on the same test cells (``cell_id``, ``image``,
+    ``fine_class``, ``predicted``: evaluate's tables), with a paired bootstrap interval: each resample
+    draws test images once and scores both methods on them, so the image-to-image variation both
+    share cancels (two separate intervals overlap long before a difference is in doubt)."""
+    paired = method.merge(baseline, on=["cell_id", "image", "fine_class"], suffixes=("", "_baseline"))
+    paired = paired[paired["fine_class"] != ""]
+    coarse_of = load_class_matrix().coarse_of
+    columns = [
+        paired[c].map(lambda label: coarse_of.get(label, label))
+        for c in ("fine_class", "predicted", "predicted_baseline")
+    ]
+    codes = {label: i for i, label in enumerate(sorted(set().union(*columns)))}
+    truth, chosen, base = (c.map(codes).to_numpy() for c in columns)
+
+    def gain(rows: np.ndarray) -> float:
+        return label_scores(truth[rows], chosen[rows])["macro_f1"] - label_scores(truth[rows], base[rows])["macro_f1"]
+
+    interval = bootstrap_interval(gain, paired["image"].to_numpy(), evaluation.bootstrap, evaluation.confidence, seed)
+    return {"coarse_macro_f1": gain(np.arange(len(paired))), "interval": list(interval), "cells": len(paired)}
 
 
 def _table(methods: Sequence[str], metrics: Path, trained: dict[str, dict]) -> pd.DataFrame:
@@ -112,6 +140,9 @@ def compare(
     deployed: str,
     translations: Sequence[str],
     metrics: Path,
+    evaluated: Path,
+    evaluation: EvaluateParams,
+    seed: int,
     prepared: Path,
     translated: Path,
     out: Path,
@@ -122,13 +153,20 @@ def compare(
     """Write ``out`` (the cross-domain table), its plots, the map of the domains and ``report``.
 
     ``deployed`` names the method ``hemaflow predict`` uses, or is ``auto``: then it is chosen from
-    the classifiers' selection scores (metrics/classify), never from the test split."""
+    the classifiers' selection scores (metrics/classify), never from the test split. Each method is
+    also set against ``none`` on the same test cells (``evaluated``: evaluate's per-cell tables)."""
     trained = {m: _read(metrics / "classify" / f"{m}.json") for m in methods}
     table = _table(methods, metrics, trained)
     selection = {m: trained[m]["selection"] for m in methods}
     deployed, because = choose_method(selection) if deployed == "auto" else (deployed, "set in adapt.deploy")
     evaluations = {m: _read(metrics / "evaluate" / f"{m}.json") for m in methods}
     scored = {m: e["overall"]["macro_f1"] for m, e in evaluations.items() if e.get("status") != "none"}
+    baseline = _read_evaluated(evaluated, "none") if "none" in scored else None
+    gains = {
+        m: against_baseline(_read_evaluated(evaluated, m), baseline, evaluation, seed)
+        for m in methods
+        if m != "none" and m in scored and baseline is not None
+    }
     result = {
         "deployed_method": deployed,
         "deployed_because": because,
@@ -144,6 +182,8 @@ def compare(
             }
             for m in methods
         },
+        # paired over the same test images: the honest answer to "does this method beat none?"
+        "coarse_macro_f1_minus_none": gains,
         "cytologia_score": {m: e.get("overall", {}).get("cytologia", {}).get("score") for m, e in evaluations.items()},
         "macro_f1_across_seeds": {
             m: {f"{d} (test)": {k: v[k] for k in ("mean", "std")} for d, v in _test_spread(e).items()}
@@ -166,6 +206,13 @@ def compare(
     )
 
 
+def _read_evaluated(folder: Path, method: str) -> pd.DataFrame:
+    path = folder / f"{method}.csv"
+    if not path.exists():
+        raise HemaflowError(f"{path}: missing; run `dvc repro evaluate@{method}`")
+    return pd.read_csv(path, keep_default_na=False, usecols=["cell_id", "image", "fine_class", "predicted"])
+
+
 def _test_spread(evaluation: dict) -> dict:
     """Per test domain: macro-F1 across training seeds (empty when the test split was not scored)."""
     return {d: v["macro_f1"] for d, v in evaluation.get("seeds", {}).get("domains", {}).items()}
@@ -175,6 +222,13 @@ def _worst_class(per_class: dict) -> str:
     label, worst = min(per_class.items(), key=lambda item: (item[1]["kept"], item[0]))
     became = f" (mostly became {worst['mostly_became']})" if worst["mostly_became"] else ""
     return f"{label} {worst['kept']:.2f}{became}"
+
+
+def _gain_cell(gain: dict | None) -> str:
+    if gain is None:
+        return "-"
+    low, high = gain["interval"]
+    return f"{gain['coarse_macro_f1']:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
 def _optional(value: float | None) -> str:
@@ -216,6 +270,7 @@ def _report(
                 "ECE (calibrated / raw)": f"{e['calibration']['ece']:.4f} / {e['calibration']['ece_uncalibrated']:.4f}",
                 "test cells": overall["cells"],
                 "est. target acc. (ATC, no labels)": _optional(result["selection"][method]["atc_target_accuracy"]),
+                "macro-F1 (coarse) minus none, paired": _gain_cell(result["coarse_macro_f1_minus_none"].get(method)),
                 "target slice macro-F1 (coarse)": _optional(
                     result["selection"][method]["target_labelled_coarse_macro_f1"]
                 ),
@@ -225,7 +280,9 @@ def _report(
         "# hemaflow results",
         "",
         "Generated by the `compare` stage from `metrics/` and `plots/`; rebuilt by `dvc repro`. Intervals are 95 %",
-        "percentile bootstraps over test images (the cells of one image resampled together). Values are the",
+        "percentile bootstraps over test images (the cells of one image resampled together); *minus none,",
+        "paired* resamples the same images for a method and for none, the interval of their difference.",
+        "Values are the",
         'first training seed\'s models; "across seeds" is the mean ± standard deviation over `base.seeds`.',
         f"The deployed adaptation method (used by `hemaflow predict`) is **{result['deployed_method']}**: "
         f"{result['deployed_because']}.",
