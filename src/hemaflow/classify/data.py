@@ -118,7 +118,7 @@ def with_slice_share(
     among themselves, take ``share`` of the total and the other cells keep their relative ``weights``
     (None: uniform) for the rest."""
     rest = torch.ones(len(labels)) if weights is None else weights.clone().float()
-    in_slice = torch.from_numpy(np.asarray(from_slice, dtype=bool))
+    in_slice = torch.from_numpy(np.array(from_slice, dtype=bool))  # a copy: the caller's array may be read-only
     slice_labels = np.asarray(labels)[in_slice.numpy()]
     balanced = class_weights(slice_labels, int(slice_labels.max()) + 1)[slice_labels]
     rest[in_slice] = 0.0
