@@ -14,6 +14,21 @@ from hemaflow.data.formats import read_dataset
 from hemaflow.data.formats.segmentation_wbc import mask_box
 from hemaflow.params import DatasetFormat
 
+ACEVEDO = {"format": "acevedo20", "path": "acevedo20_subset", "role": "source", "px_per_um": 10.0}
+
+
+def _prepared_cells(tmp_path, datasets: list[dict]):
+    """``prepare`` (5 folds) on these datasets of ../shared/data; its cells table."""
+    import pandas as pd
+
+    from conftest import load
+    from hemaflow.data.prepare import prepare
+
+    root = shared_dataset("acevedo20_subset").parent
+    params = load({"prepare": {"root": str(root), "folds": 5, "datasets": datasets}}).prepare
+    prepare(params=params, seed=0, out=tmp_path / "prepared", metrics=tmp_path / "data.json", plots=tmp_path / "plots")
+    return pd.read_csv(tmp_path / "prepared" / "cells.csv", keep_default_na=False)
+
 
 def test_acevedo20_subset_counts_and_prefix_classes():
     root = shared_dataset("acevedo20_subset")
@@ -75,49 +90,21 @@ def test_cellavision_masks_give_boxes_and_labels():
 
 
 def test_prepare_on_real_datasets_end_to_end(tmp_path):
-    import json
-
-    import pandas as pd
-
-    from conftest import load
-    from hemaflow.data.prepare import prepare
-
-    root = shared_dataset("bccd").parent
-    shared_dataset("acevedo20_subset"), shared_dataset("cellavision_blog")
-    params = load(
-        {
-            "prepare": {
-                "root": str(root),
-                "folds": 5,
-                "datasets": [
-                    {
-                        "name": "pbc",
-                        "format": "acevedo20",
-                        "path": "acevedo20_subset",
-                        "role": "source",
-                        "px_per_um": 10.0,
-                    },
-                    {
-                        "name": "bccd_test",
-                        "format": "bccd",
-                        "path": "bccd",
-                        "subset": "test",
-                        "role": "test",
-                        "px_per_um": 8.0,
-                    },
-                    {
-                        "name": "cellavision",
-                        "format": "segmentation_wbc",
-                        "path": "cellavision_blog",
-                        "role": "test",
-                        "px_per_um": 10.0,
-                    },
-                ],
-            }
-        }
-    ).prepare
-    prepare(params=params, seed=0, out=tmp_path / "prepared", metrics=tmp_path / "data.json", plots=tmp_path / "plots")
-    cells = pd.read_csv(tmp_path / "prepared" / "cells.csv", keep_default_na=False)
+    shared_dataset("bccd"), shared_dataset("cellavision_blog")
+    cells = _prepared_cells(
+        tmp_path,
+        [
+            {"name": "pbc", **ACEVEDO},
+            {"name": "bccd_test", "format": "bccd", "path": "bccd", "subset": "test", "role": "test", "px_per_um": 8.0},
+            {
+                "name": "cellavision",
+                "format": "segmentation_wbc",
+                "path": "cellavision_blog",
+                "role": "test",
+                "px_per_um": 10.0,
+            },
+        ],
+    )
     assert Counter(cells["dataset"]) == {
         "pbc": 1200,
         "bccd_test": 71,
@@ -134,35 +121,17 @@ def test_prepare_on_real_datasets_end_to_end(tmp_path):
 
 
 def test_one_folder_as_unlabelled_target_few_shot_slice_and_test_keeps_each_cell_once_per_role(tmp_path):
-    import pandas as pd
-
-    from conftest import load
-    from hemaflow.data.prepare import prepare
-
-    root = shared_dataset("cellavision_blog").parent
+    shared_dataset("cellavision_blog")
     blog = {"format": "segmentation_wbc", "path": "cellavision_blog", "px_per_um": "auto", "domain": "cellavision"}
-    params = load(
-        {
-            "prepare": {
-                "root": str(root),
-                "folds": 5,
-                "datasets": [
-                    {
-                        "name": "source",
-                        "format": "acevedo20",
-                        "path": "acevedo20_subset",
-                        "role": "source",
-                        "px_per_um": 10.0,
-                    },
-                    {"name": "blog", "role": "target", **blog},
-                    {"name": "blog_slice", "role": "target_labelled", "part": [0.0, 0.3], **blog},
-                    {"name": "blog_test", "role": "test", "part": [0.3, 1.0], **blog},
-                ],
-            }
-        }
-    ).prepare
-    prepare(params=params, seed=0, out=tmp_path / "prepared", metrics=tmp_path / "data.json", plots=tmp_path / "plots")
-    cells = pd.read_csv(tmp_path / "prepared" / "cells.csv", keep_default_na=False)
+    cells = _prepared_cells(
+        tmp_path,
+        [
+            {"name": "source", **ACEVEDO},
+            {"name": "blog", "role": "target", **blog},
+            {"name": "blog_slice", "role": "target_labelled", "part": [0.0, 0.3], **blog},
+            {"name": "blog_test", "role": "test", "part": [0.3, 1.0], **blog},
+        ],
+    )
     blog_cells = cells[cells["domain"] == "cellavision"]
     assert blog_cells.groupby("dataset")["role"].agg(set).to_dict() == {
         "blog": {"target"},
@@ -183,35 +152,16 @@ def test_one_folder_as_unlabelled_target_few_shot_slice_and_test_keeps_each_cell
 
 
 def test_a_target_with_detector_boxes_trains_the_detector_on_its_boxes_and_keeps_its_cells_unlabelled(tmp_path):
-    import pandas as pd
-
-    from conftest import load
-    from hemaflow.data.prepare import prepare
-
-    root = shared_dataset("bccd").parent
+    shared_dataset("bccd")
     bccd = {"format": "bccd", "path": "bccd", "px_per_um": 12.3, "domain": "bccd"}
-    params = load(
-        {
-            "prepare": {
-                "root": str(root),
-                "folds": 5,
-                "datasets": [
-                    {
-                        "name": "pbc",
-                        "format": "acevedo20",
-                        "path": "acevedo20_subset",
-                        "role": "source",
-                        "px_per_um": 10.0,
-                        "part": [0.0, 0.05],
-                    },
-                    {"name": "bccd", "subset": "trainval", "role": "target", "detector_boxes": True, **bccd},
-                    {"name": "bccd_test", "subset": "test", "role": "test", **bccd},
-                ],
-            }
-        }
-    ).prepare
-    prepare(params=params, seed=0, out=tmp_path / "prepared", metrics=tmp_path / "data.json", plots=tmp_path / "plots")
-    cells = pd.read_csv(tmp_path / "prepared" / "cells.csv", keep_default_na=False)
+    cells = _prepared_cells(
+        tmp_path,
+        [
+            {"name": "pbc", "part": [0.0, 0.05], **ACEVEDO},
+            {"name": "bccd", "subset": "trainval", "role": "target", "detector_boxes": True, **bccd},
+            {"name": "bccd_test", "subset": "test", "role": "test", **bccd},
+        ],
+    )
     target = cells[cells["dataset"] == "bccd"]
     assert set(target["role"]) == {"target"} and set(target["fine_class"]) == {""}  # no class reaches training
     assert set(target["split"]) == {"train", "val"}
