@@ -26,7 +26,7 @@ from hemaflow.metrics import bootstrap_interval, label_scores
 from hemaflow.params import EvaluateParams
 from hemaflow.translate.domain import domain_map
 
-__all__ = ["compare"]
+__all__ = ["against_baseline", "compare"]
 
 IN_DOMAIN = "source (out-of-fold)"
 
