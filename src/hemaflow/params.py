@@ -326,6 +326,10 @@ class CycleGanParams(_Section):
     """Weight of the cycle-consistency loss (reference: 10)."""
     lambda_identity: Annotated[float, Field(ge=0)]
     """Weight of the identity loss, times lambda_cycle (reference: 0.5)."""
+    lambda_class: Annotated[float, Field(ge=0)]
+    """Weight of the class-keeping loss: an auxiliary classifier, trained on the real labelled source
+    cells, must still name each translated source cell's class (CyCADA's semantic consistency).
+    Plain CycleGAN (0) may paint one class into another; real stain changes keep the class."""
     pool_size: NonNegativeInt
     """History of generated images the discriminators see (reference: 50)."""
     precision: Precision

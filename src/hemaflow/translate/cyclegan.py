@@ -3,7 +3,9 @@
 ResNet generator: reflection padding, instance norm without affine parameters, two stride-2
 downsamplings, ``n_blocks`` residual blocks, two upsamplings (transposed convolution as in the
 reference, or nearest-neighbour resize + convolution, which avoids checkerboard artefacts).
-Discriminator: the 70x70 PatchGAN (three stride-2 layers). Weights start from N(0, 0.02).
+Discriminator: the 70x70 PatchGAN (three stride-2 layers). The class-keeping loss's auxiliary
+classifier is the same network with one output channel per class, averaged over the patches.
+Weights start from N(0, 0.02).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import random
 import torch
 from torch import nn
 
-__all__ = ["ImagePool", "PatchDiscriminator", "ResnetGenerator", "init_weights"]
+__all__ = ["ImagePool", "PatchClassifier", "PatchDiscriminator", "ResnetGenerator", "init_weights"]
 
 
 def _conv_block(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0) -> list[nn.Module]:
@@ -62,7 +64,7 @@ class ResnetGenerator(nn.Module):
 class PatchDiscriminator(nn.Module):
     """70x70 PatchGAN: one real/fake score per overlapping patch (LSGAN targets 1 and 0)."""
 
-    def __init__(self, ndf: int = 64, n_layers: int = 3):
+    def __init__(self, ndf: int = 64, n_layers: int = 3, outputs: int = 1):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         channels = ndf
@@ -71,11 +73,21 @@ class PatchDiscriminator(nn.Module):
             stride = 2 if n < n_layers else 1
             layers += [nn.Conv2d(channels, out, 4, stride, 1), nn.InstanceNorm2d(out), nn.LeakyReLU(0.2, True)]
             channels = out
-        layers.append(nn.Conv2d(channels, 1, 4, 1, 1))
+        layers.append(nn.Conv2d(channels, outputs, 4, 1, 1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class PatchClassifier(PatchDiscriminator):
+    """Class logits: each patch votes, the votes are averaged (the class-keeping loss's judge)."""
+
+    def __init__(self, ndf: int, classes: int):
+        super().__init__(ndf, outputs=classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).mean(dim=(2, 3))
 
 
 def init_weights(module: nn.Module, generator: torch.Generator) -> None:
