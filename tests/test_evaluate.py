@@ -64,7 +64,7 @@ def test_compare_builds_the_table_with_intervals_and_a_report_whose_links_resolv
             metrics / "evaluate" / f"{method}.json",
             {
                 "overall": overall,
-                "domains": {"wbc1": _scores(target)},
+                "domains": {"wbc1": _scores(target) | {"at_true_boxes": _scores(target + 0.1)}},
                 "calibration": {"ece": 0.05, "ece_uncalibrated": 0.2},
                 "seeds": {
                     "overall": {"macro_f1": _spread(target)},
@@ -132,6 +132,7 @@ def test_compare_builds_the_table_with_intervals_and_a_report_whose_links_resolv
     gain = table["coarse_macro_f1_minus_none"]["reinhard"]  # every cell right against a quarter
     assert gain["coarse_macro_f1"] == pytest.approx(1 - 0.1, abs=1e-9) and gain["interval"][0] > 0.5
     assert "| +0.9000 [" in text and "minus none, paired" in text
+    assert "| wbc1: 0.9100 [0.8600, 0.9600] |" in text  # the classifier alone, at the fields' true boxes
 
 
 def test_a_paired_interval_separates_methods_that_two_separate_intervals_cannot():

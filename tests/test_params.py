@@ -53,7 +53,7 @@ def test_cross_section_rules():
     with pytest.raises(ParamsError, match="role 'source'"):
         parse_params(data)
     with pytest.raises(ParamsError, match=r"adapt\.methods\.reinhard\.translate=reinhard is not in translate\.methods"):
-        parse_params(params_data({"translate": {"methods": ["none"]}}))
+        parse_params(params_data({"adapt": {"methods": {"reinhard": recipe("reinhard")}, "deploy": "auto"}}))
     with pytest.raises(ParamsError, match="deploy=nothing is neither auto nor one of the methods"):
         parse_params(params_data({"adapt": {"deploy": "nothing"}}))
     with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.few_shot needs a dataset with role: target_labelled"):

@@ -231,6 +231,17 @@ def _gain_cell(gain: dict | None) -> str:
     return f"{gain['coarse_macro_f1']:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
+def _at_true_boxes_cell(domains: dict) -> str:
+    """The classifier alone on the smear-field cells, cut at their true boxes (coarse macro-F1 per
+    domain): what end to end would score with a perfect detector."""
+    cells = [
+        f"{domain}: {_cell(at['coarse_macro_f1'], *at['coarse_macro_f1_interval'])}"
+        for domain, scores in domains.items()
+        if (at := scores.get("at_true_boxes"))
+    ]
+    return "; ".join(cells) or "-"
+
+
 def _optional(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -267,6 +278,7 @@ def _report(
                 "CytologIA score": _cell(cytologia["score"], *cytologia["score_interval"]) if cytologia else "-",
                 "macro-F1 across seeds": _spread_cell(e["seeds"]["overall"]["macro_f1"]),
                 "missed boxes": cytologia.get("missed_boxes", "-"),
+                "field cells at true boxes, macro-F1 (coarse)": _at_true_boxes_cell(e["domains"]),
                 "ECE (calibrated / raw)": f"{e['calibration']['ece']:.4f} / {e['calibration']['ece_uncalibrated']:.4f}",
                 "test cells": overall["cells"],
                 "est. target acc. (ATC, no labels)": _optional(result["selection"][method]["atc_target_accuracy"]),
