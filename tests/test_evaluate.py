@@ -56,8 +56,13 @@ def _spread(value):
 def test_compare_builds_the_table_with_intervals_and_a_report_whose_links_resolve(tmp_path, tiny_prepared):
     prepared, _ = tiny_prepared
     metrics = tmp_path / "metrics"
-    for method, oof, target, atc in (("none", 0.95, 0.55, 0.62), ("reinhard", 0.93, 0.81, 0.58)):
-        selection = {"atc_target_accuracy": atc, "target_labelled_cells": 0, "target_labelled_coarse_macro_f1": None}
+    for method, oof, target, information in (("none", 0.95, 0.55, 0.62), ("reinhard", 0.93, 0.81, 0.58)):
+        selection = {
+            "atc_target_accuracy": 0.5,
+            "target_information": information,
+            "target_labelled_cells": 0,
+            "target_labelled_coarse_macro_f1": None,
+        }
         _write(metrics / "classify" / f"{method}.json", {"oof": {"macro_f1": oof}, "selection": selection})
         overall = _scores(target) | {"cytologia": {"score": target, "score_interval": [0.5, 0.9], "missed_boxes": 2}}
         _write(
@@ -125,9 +130,9 @@ def test_compare_builds_the_table_with_intervals_and_a_report_whose_links_resolv
     assert "| reinhard | 0.9300 | 0.8100 [0.7600, 0.8600] |" in text and "No detector took part" in text
     assert "0.8100 ± 0.0283 (2 seeds)" in text and "neutrophil 0.40 (mostly became lymphocyte)" in text
     assert table["macro_f1_across_seeds"]["reinhard"]["wbc1 (test)"] == {"mean": 0.81, "std": 0.0283}
-    # chosen without test labels (the higher ATC estimate), though the test split prefers reinhard
+    # chosen without test labels (the more informative target predictions), though the test split prefers reinhard
     assert (table["deployed_method"], table["best_on_test"]) == ("none", "reinhard")
-    assert "is **none**: highest estimated target accuracy without target labels (ATC 0.6200)" in text
+    assert "is **none**: most informative target predictions without target labels (IM 0.6200 nats)" in text
     assert all(p.exists() for p in _links(report)) and len(_links(report)) >= 4
     gain = table["coarse_macro_f1_minus_none"]["reinhard"]  # every cell right against a quarter
     assert gain["coarse_macro_f1"] == pytest.approx(1 - 0.1, abs=1e-9) and gain["interval"][0] > 0.5

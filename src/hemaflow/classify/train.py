@@ -32,7 +32,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hemaflow._io import write_csv, write_json
-from hemaflow.classify.adapt import adapt_batch_norm, average_thresholded_confidence, confident_pseudo_labels
+from hemaflow.classify.adapt import (
+    adapt_batch_norm,
+    average_thresholded_confidence,
+    confident_pseudo_labels,
+    information_maximization,
+)
 from hemaflow.classify.data import CellDataset, EpochSampler, build_transform, class_weights, with_slice_share
 from hemaflow.classify.inference import fold_logits, predict_logits
 from hemaflow.classify.model import (
@@ -464,7 +469,8 @@ def _report(
     coarse_of = load_class_matrix().coarse_of
     scores = classification_metrics(list(oof["fine_class"]), list(oof["predicted"]))
     correct = (oof["fine_class"] == oof["predicted"]).to_numpy(float)
-    target_confidence = np.mean(run.target_probabilities, axis=0).max(1) if len(run.target_probabilities[0]) else None
+    target_probabilities = np.mean(run.target_probabilities, axis=0) if len(run.target_probabilities[0]) else None
+    target_confidence = None if target_probabilities is None else target_probabilities.max(1)
     few_shot = run.few_shot
     write_json(
         metrics,
@@ -492,6 +498,10 @@ def _report(
                 "atc_target_accuracy": None
                 if target_confidence is None
                 else average_thresholded_confidence(oof["confidence"].to_numpy(), correct, target_confidence),
+                # over coarse groups, as the headline score: fine classes the target may lack split no group
+                "target_information": None
+                if target_probabilities is None
+                else information_maximization(target_probabilities, [coarse_of[c] for c in classes]),
                 "target_labelled_cells": len(few_shot),
                 # coarse groups, as the headline target score: a slice's fine labels are often
                 # coarser than the source's (a "neutrophil" is neither segmented nor band)

@@ -281,6 +281,7 @@ def _report(
                 "field cells at true boxes, macro-F1 (coarse)": _at_true_boxes_cell(e["domains"]),
                 "ECE (calibrated / raw)": f"{e['calibration']['ece']:.4f} / {e['calibration']['ece_uncalibrated']:.4f}",
                 "test cells": overall["cells"],
+                "target information (IM, nats, no labels)": _optional(result["selection"][method]["target_information"]),
                 "est. target acc. (ATC, no labels)": _optional(result["selection"][method]["atc_target_accuracy"]),
                 "macro-F1 (coarse) minus none, paired": _gain_cell(result["coarse_macro_f1_minus_none"].get(method)),
                 "target slice macro-F1 (coarse)": _optional(
