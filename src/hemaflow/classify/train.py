@@ -466,7 +466,7 @@ def _report(
     scores across seeds (``spread``: each seed's scores), what the adaptation did and the scores that
     choose a method without test labels; confusion and reliability data for DVC."""
     oof = run.oof
-    coarse_of = load_class_matrix().coarse_of
+    matrix = load_class_matrix()
     scores = classification_metrics(list(oof["fine_class"]), list(oof["predicted"]))
     correct = (oof["fine_class"] == oof["predicted"]).to_numpy(float)
     target_probabilities = np.mean(run.target_probabilities, axis=0) if len(run.target_probabilities[0]) else None
@@ -501,12 +501,12 @@ def _report(
                 # over coarse groups, as the headline score: fine classes the target may lack split no group
                 "target_information": None
                 if target_probabilities is None
-                else information_maximization(target_probabilities, [coarse_of[c] for c in classes]),
+                else information_maximization(target_probabilities, matrix.coarse(classes)),
                 "target_labelled_cells": len(few_shot),
                 # coarse groups, as the headline target score: a slice's fine labels are often
                 # coarser than the source's (a "neutrophil" is neither segmented nor band)
                 "target_labelled_coarse_macro_f1": classification_metrics(
-                    list(few_shot["fine_class"].map(coarse_of)), [coarse_of.get(c, c) for c in few_shot["predicted"]]
+                    matrix.coarse(few_shot["fine_class"]), matrix.coarse(few_shot["predicted"])
                 )["macro_f1"]
                 if len(few_shot)
                 else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -28,6 +29,11 @@ class ClassMatrix:
     @property
     def fine_classes(self) -> list[str]:
         return list(self.coarse_of)
+
+    def coarse(self, labels: Iterable[str]) -> list[str]:
+        """The coarse group of each label; a label that is no fine class (a group already, or empty)
+        stays as it is."""
+        return [self.coarse_of.get(label, label) for label in labels]
 
 
 def parse_class_matrix(data: dict, origin: str = str(CLASSES_FILE)) -> ClassMatrix:

@@ -46,11 +46,8 @@ def against_baseline(
     share cancels (two separate intervals overlap long before a difference is in doubt)."""
     paired = method.merge(baseline, on=["cell_id", "image", "fine_class"], suffixes=("", "_baseline"))
     paired = paired[paired["fine_class"] != ""]
-    coarse_of = load_class_matrix().coarse_of
-    columns = [
-        paired[c].map(lambda label: coarse_of.get(label, label))
-        for c in ("fine_class", "predicted", "predicted_baseline")
-    ]
+    matrix = load_class_matrix()
+    columns = [pd.Series(matrix.coarse(paired[c])) for c in ("fine_class", "predicted", "predicted_baseline")]
     codes = {label: i for i, label in enumerate(sorted(set().union(*columns)))}
     truth, chosen, base = (c.map(codes).to_numpy() for c in columns)
 
@@ -281,7 +278,9 @@ def _report(
                 "field cells at true boxes, macro-F1 (coarse)": _at_true_boxes_cell(e["domains"]),
                 "ECE (calibrated / raw)": f"{e['calibration']['ece']:.4f} / {e['calibration']['ece_uncalibrated']:.4f}",
                 "test cells": overall["cells"],
-                "target information (IM, nats, no labels)": _optional(result["selection"][method]["target_information"]),
+                "target information (IM, nats, no labels)": _optional(
+                    result["selection"][method]["target_information"]
+                ),
                 "est. target acc. (ATC, no labels)": _optional(result["selection"][method]["atc_target_accuracy"]),
                 "macro-F1 (coarse) minus none, paired": _gain_cell(result["coarse_macro_f1_minus_none"].get(method)),
                 "target slice macro-F1 (coarse)": _optional(

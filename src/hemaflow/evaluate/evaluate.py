@@ -76,12 +76,12 @@ def score_cells(cells: pd.DataFrame, column: str, evaluation: EvaluateParams, se
     Fine classes and coarse groups; where cells carry a ``rescaled_giou`` (smear fields, end to
     end), the CytologIA score of those cells too.
     """
-    coarse_of = load_class_matrix().coarse_of
+    matrix = load_class_matrix()
     groups = cells["image"].to_numpy()
     result: dict = {"cells": len(cells), "images": int(cells["image"].nunique())}
     for prefix, truth, chosen in (
         ("", cells["fine_class"], cells[column]),
-        ("coarse_", cells["fine_class"].map(coarse_of), cells[column].map(lambda c: coarse_of.get(c, c))),
+        ("coarse_", pd.Series(matrix.coarse(cells["fine_class"])), pd.Series(matrix.coarse(cells[column]))),
     ):
         t, p = _coded(truth, chosen)
         result |= {f"{prefix}{k}": v for k, v in label_scores(t, p).items()}
