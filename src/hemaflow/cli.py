@@ -388,6 +388,9 @@ def evaluate_command(
 def compare_command(
     metrics: Annotated[Path, typer.Option(help="The metrics folder the other stages wrote.")],
     evaluated: Annotated[Path, typer.Option(help="Folder of evaluate's per-cell tables (<method>.csv).")],
+    classifiers: Annotated[
+        Path, typer.Option(help="Folder of the trained classifiers (<method>/oof.csv: out-of-fold source cells).")
+    ],
     prepared: Annotated[Path, typer.Option(help="Prepared folder (the untranslated cells).")],
     translated: Annotated[Path, typer.Option(help="Folder of the translate stages' outputs.")],
     out: Annotated[Path, typer.Option(help="The cross-domain table (JSON) to write.")],
@@ -407,6 +410,7 @@ def compare_command(
             translations=params.translations,
             metrics=metrics,
             evaluated=evaluated,
+            classifiers=classifiers,
             evaluation=params.evaluate,
             seed=params.base.seed,
             prepared=prepared,

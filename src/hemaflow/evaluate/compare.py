@@ -38,16 +38,17 @@ def _read(path: Path) -> dict:
 
 
 def against_baseline(
-    method: pd.DataFrame, baseline: pd.DataFrame, evaluation: EvaluateParams, seed: int
+    method: pd.DataFrame, baseline: pd.DataFrame, evaluation: EvaluateParams, seed: int, coarse: bool = True
 ) -> dict[str, float | list[float]]:
-    """A method's coarse macro-F1 minus the baseline's on the same test cells (``cell_id``, ``image``,
-    ``fine_class``, ``predicted``: evaluate's tables), with a paired bootstrap interval: each resample
-    draws test images once and scores both methods on them, so the image-to-image variation both
-    share cancels (two separate intervals overlap long before a difference is in doubt)."""
+    """A method's macro-F1 (over coarse groups, or fine classes) minus the baseline's on the same cells
+    (``cell_id``, ``image``, ``fine_class``, ``predicted``: evaluate's tables, or the out-of-fold
+    source cells), with a paired bootstrap interval: each resample draws images once and scores both
+    methods on them, so the image-to-image variation both share cancels (two separate intervals
+    overlap long before a difference is in doubt)."""
     paired = method.merge(baseline, on=["cell_id", "image", "fine_class"], suffixes=("", "_baseline"))
     paired = paired[paired["fine_class"] != ""]
-    matrix = load_class_matrix()
-    columns = [pd.Series(matrix.coarse(paired[c])) for c in ("fine_class", "predicted", "predicted_baseline")]
+    labels = load_class_matrix().coarse if coarse else list
+    columns = [pd.Series(labels(paired[c])) for c in ("fine_class", "predicted", "predicted_baseline")]
     codes = {label: i for i, label in enumerate(sorted(set().union(*columns)))}
     truth, chosen, base = (c.map(codes).to_numpy() for c in columns)
 
@@ -55,7 +56,7 @@ def against_baseline(
         return label_scores(truth[rows], chosen[rows])["macro_f1"] - label_scores(truth[rows], base[rows])["macro_f1"]
 
     interval = bootstrap_interval(gain, paired["image"].to_numpy(), evaluation.bootstrap, evaluation.confidence, seed)
-    return {"coarse_macro_f1": gain(np.arange(len(paired))), "interval": list(interval), "cells": len(paired)}
+    return {"difference": gain(np.arange(len(paired))), "interval": list(interval), "cells": len(paired)}
 
 
 def _table(methods: Sequence[str], metrics: Path, trained: dict[str, dict]) -> pd.DataFrame:
@@ -138,6 +139,7 @@ def compare(
     translations: Sequence[str],
     metrics: Path,
     evaluated: Path,
+    classifiers: Path,
     evaluation: EvaluateParams,
     seed: int,
     prepared: Path,
@@ -151,7 +153,8 @@ def compare(
 
     ``deployed`` names the method ``hemaflow predict`` uses, or is ``auto``: then it is chosen from
     the classifiers' selection scores (metrics/classify), never from the test split. Each method is
-    also set against ``none`` on the same test cells (``evaluated``: evaluate's per-cell tables)."""
+    also set against ``none`` on the same test cells (``evaluated``: evaluate's per-cell tables) and
+    on the same out-of-fold source cells (``classifiers``: train_classifier's folders, <method>/oof.csv)."""
     trained = {m: _read(metrics / "classify" / f"{m}.json") for m in methods}
     table = _table(methods, metrics, trained)
     selection = {m: trained[m]["selection"] for m in methods}
@@ -164,6 +167,22 @@ def compare(
         for m in methods
         if m != "none" and m in scored and baseline is not None
     }
+    images = pd.read_csv(prepared / "cells.csv", usecols=["cell_id", "image"], keep_default_na=False)
+    source_costs = (
+        {
+            m: against_baseline(
+                _read_oof(classifiers, m, images),
+                _read_oof(classifiers, "none", images),
+                evaluation,
+                seed,
+                coarse=False,
+            )
+            for m in methods
+            if m != "none"
+        }
+        if "none" in methods
+        else {}
+    )
     result = {
         "deployed_method": deployed,
         "deployed_because": because,
@@ -181,6 +200,8 @@ def compare(
         },
         # paired over the same test images: the honest answer to "does this method beat none?"
         "coarse_macro_f1_minus_none": gains,
+        # the same on the labelled source cells, out of fold and fine: what a method costs in domain
+        "oof_macro_f1_minus_none": source_costs,
         "cytologia_score": {m: e.get("overall", {}).get("cytologia", {}).get("score") for m, e in evaluations.items()},
         "macro_f1_across_seeds": {
             m: {f"{d} (test)": {k: v[k] for k in ("mean", "std")} for d, v in _test_spread(e).items()}
@@ -210,6 +231,15 @@ def _read_evaluated(folder: Path, method: str) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False, usecols=["cell_id", "image", "fine_class", "predicted"])
 
 
+def _read_oof(folder: Path, method: str, images: pd.DataFrame) -> pd.DataFrame:
+    """A method's out-of-fold source predictions, with each cell's image to resample by."""
+    path = folder / method / "oof.csv"
+    if not path.exists():
+        raise HemaflowError(f"{path}: missing; run `dvc repro train_classifier@{method}`")
+    oof = pd.read_csv(path, keep_default_na=False, usecols=["cell_id", "fine_class", "predicted"])
+    return oof.merge(images, on="cell_id", validate="one_to_one")
+
+
 def _test_spread(evaluation: dict) -> dict:
     """Per test domain: macro-F1 across training seeds (empty when the test split was not scored)."""
     return {d: v["macro_f1"] for d, v in evaluation.get("seeds", {}).get("domains", {}).items()}
@@ -225,7 +255,7 @@ def _gain_cell(gain: dict | None) -> str:
     if gain is None:
         return "-"
     low, high = gain["interval"]
-    return f"{gain['coarse_macro_f1']:+.4f} [{low:+.4f}, {high:+.4f}]"
+    return f"{gain['difference']:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
 def _at_true_boxes_cell(domains: dict) -> str:
@@ -283,6 +313,9 @@ def _report(
                 ),
                 "est. target acc. (ATC, no labels)": _optional(result["selection"][method]["atc_target_accuracy"]),
                 "macro-F1 (coarse) minus none, paired": _gain_cell(result["coarse_macro_f1_minus_none"].get(method)),
+                "source OOF macro-F1 (fine) minus none, paired": _gain_cell(
+                    result["oof_macro_f1_minus_none"].get(method)
+                ),
                 "target slice macro-F1 (coarse)": _optional(
                     result["selection"][method]["target_labelled_coarse_macro_f1"]
                 ),
