@@ -400,8 +400,8 @@ class AdaptParams(_Section):
     """Name -> recipe; each gets a train_classifier and an evaluate stage."""
     deploy: str
     """The method `hemaflow predict` uses by default, or ``auto``: the one ``compare`` chose without
-    test labels (best on the labelled target slice when there is one, else the highest estimated
-    target accuracy; metrics/cross_domain.json)."""
+    test labels (best on the labelled target slice when there is one, else the most informative
+    target predictions; metrics/cross_domain.json)."""
 
     @model_validator(mode="after")
     def _deployed_is_compared(self) -> AdaptParams:
