@@ -169,21 +169,12 @@ def compare(
         if m != "none" and m in scored and baseline is not None
     }
     images = pd.read_csv(prepared / "cells.csv", usecols=["cell_id", "image"], keep_default_na=False)
-    source_costs = (
-        {
-            m: against_baseline(
-                _read_oof(classifiers, m, images),
-                _read_oof(classifiers, "none", images),
-                evaluation,
-                seed,
-                coarse=False,
-            )
-            for m in methods
-            if m != "none"
-        }
-        if "none" in methods
-        else {}
-    )
+    source_baseline = _read_oof(classifiers, "none", images) if "none" in methods else None
+    source_costs = {
+        m: against_baseline(_read_oof(classifiers, m, images), source_baseline, evaluation, seed, coarse=False)
+        for m in methods
+        if m != "none" and source_baseline is not None
+    }
     result = {
         "deployed_method": deployed,
         "deployed_because": because,
@@ -225,19 +216,21 @@ def compare(
     )
 
 
-def _read_evaluated(folder: Path, method: str) -> pd.DataFrame:
-    path = folder / f"{method}.csv"
+def _read_predictions(path: Path, stage: str) -> pd.DataFrame:
+    """Per-cell predictions (``cell_id``, ``fine_class``, ``predicted``, and ``image`` where the file has it)."""
     if not path.exists():
-        raise HemaflowError(f"{path}: missing; run `dvc repro evaluate@{method}`")
-    return pd.read_csv(path, keep_default_na=False, usecols=["cell_id", "image", "fine_class", "predicted"])
+        raise HemaflowError(f"{path}: missing; run `dvc repro {stage}`")
+    columns = {"cell_id", "image", "fine_class", "predicted"}
+    return pd.read_csv(path, keep_default_na=False, usecols=lambda c: c in columns)
+
+
+def _read_evaluated(folder: Path, method: str) -> pd.DataFrame:
+    return _read_predictions(folder / f"{method}.csv", f"evaluate@{method}")
 
 
 def _read_oof(folder: Path, method: str, images: pd.DataFrame) -> pd.DataFrame:
     """A method's out-of-fold source predictions, with each cell's image to resample by."""
-    path = folder / method / "oof.csv"
-    if not path.exists():
-        raise HemaflowError(f"{path}: missing; run `dvc repro train_classifier@{method}`")
-    oof = pd.read_csv(path, keep_default_na=False, usecols=["cell_id", "fine_class", "predicted"])
+    oof = _read_predictions(folder / method / "oof.csv", f"train_classifier@{method}")
     return oof.merge(images, on="cell_id", validate="one_to_one")
 
 
