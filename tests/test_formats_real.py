@@ -6,6 +6,7 @@ import json
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from conftest import shared_dataset
@@ -19,8 +20,6 @@ ACEVEDO = {"format": "acevedo20", "path": "acevedo20_subset", "role": "source", 
 
 def _prepared_cells(tmp_path, datasets: list[dict]):
     """``prepare`` (5 folds) on these datasets of ../shared/data; its cells table."""
-    import pandas as pd
-
     from conftest import load
     from hemaflow.data.prepare import prepare
 
@@ -80,7 +79,7 @@ def test_bccd_official_split():
 def test_cellavision_masks_give_boxes_and_labels():
     root = shared_dataset("cellavision_blog")
     result = read_dataset(DatasetFormat.segmentation_wbc, root)
-    assert len(result.annotations) == 100
+    assert len(result.annotations) == 100 and result.cell_images  # single-cell crops: boxes from masks
     assert Counter(a.label for a in result.annotations) == {"2": 37, "1": 33, "3": 15, "4": 12, "5": 3}
     mask = np.asarray(Image.open(root / "001.png"))
     assert set(np.unique(mask)) <= {0, 128, 255}
@@ -91,31 +90,31 @@ def test_cellavision_masks_give_boxes_and_labels():
 
 def test_prepare_on_real_datasets_end_to_end(tmp_path):
     shared_dataset("bccd"), shared_dataset("cellavision_blog")
+    blog = {"format": "segmentation_wbc", "path": "cellavision_blog", "px_per_um": 10.0, "domain": "cellavision"}
     cells = _prepared_cells(
         tmp_path,
         [
             {"name": "pbc", **ACEVEDO},
             {"name": "bccd_test", "format": "bccd", "path": "bccd", "subset": "test", "role": "test", "px_per_um": 8.0},
-            {
-                "name": "cellavision",
-                "format": "segmentation_wbc",
-                "path": "cellavision_blog",
-                "role": "test",
-                "px_per_um": 10.0,
-            },
+            {"name": "cellavision_train", "part": [0.0, 0.3], "role": "source", **blog},
+            {"name": "cellavision", "part": [0.3, 1.0], "role": "test", **blog},
         ],
     )
-    assert Counter(cells["dataset"]) == {
-        "pbc": 1200,
-        "bccd_test": 71,
-        "cellavision": 100,
-    }  # BCCD test split: 72 images, 71 WBC boxes, 4 without
+    counts = Counter(cells["dataset"])
+    assert counts["pbc"] == 1200 and counts["bccd_test"] == 71  # BCCD test split: 72 images, 71 WBC boxes, 4 without
+    assert counts["cellavision_train"] + counts["cellavision"] == 100
     pbc = cells[cells["dataset"] == "pbc"]
     assert set(pbc["fold"]) == set(range(5))
     per_fold = pbc.groupby("fold").size()
     assert per_fold.max() - per_fold.min() <= 2  # 1200 single cells, 240 per fold
-    coco = json.loads((tmp_path / "prepared" / "coco" / "test.json").read_text())
-    assert len(coco["annotations"]) == 71 + 100 and len(coco["images"]) == 72 + 100
+    # the blog's single-cell crops teach the detector as a source's, but tested they are classified at
+    # their crop: the detector's test set holds BCCD's fields only
+    coco = {s: json.loads((tmp_path / "prepared" / "coco" / f"{s}.json").read_text()) for s in ("train", "val", "test")}
+    assert len(coco["test"]["annotations"]) == 71 and len(coco["test"]["images"]) == 72
+    taught = len(coco["train"]["annotations"]) + len(coco["val"]["annotations"])
+    assert taught == counts["cellavision_train"]  # Acevedo_20's single cells carry no box
+    images = pd.read_csv(tmp_path / "prepared" / "images.csv", keep_default_na=False)
+    assert (images.loc[images["dataset"] == "cellavision", "field"] == "").all()
     metrics = json.loads((tmp_path / "data.json").read_text())
     assert metrics["rejected"] == 0
 

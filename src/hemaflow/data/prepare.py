@@ -146,7 +146,9 @@ def _collect_jobs(
             findings.append(finding)
         if dataset.part is not None:
             by_image = {n: cells for n, cells in by_image.items() if dataset.part[0] <= _position(n) < dataset.part[1]}
-        is_field = any(a.box is not None for a in annotations) or bool(result.background_images)
+        boxed = any(a.box is not None for a in annotations) or bool(result.background_images)
+        # a single-cell image is a field only as detector training data: a target's or test's is classified at its crop
+        is_field = boxed and (not result.cell_images or dataset.role is Role.source or dataset.detector_boxes)
         for index, name in enumerate(sorted(by_image)):
             image = (Path(params.root) / dataset.path / name).as_posix()
             jobs.append(

@@ -45,9 +45,19 @@ from hemaflow.metrics import (
 )
 from hemaflow.params import ClassifyParams, CropParams, EvaluateParams
 from hemaflow.runtime import select_device
-from hemaflow.tables import boxes, has_box, labelled, read_cells, read_crop, read_detections, read_detections_card
+from hemaflow.tables import (
+    boxes,
+    labelled,
+    read_cells,
+    read_crop,
+    read_detections,
+    read_detections_card,
+    read_images,
+)
 
 __all__ = ["coverage_curve", "evaluate", "score_cells"]
+
+KEY = ["dataset", "image"]  # one image file may serve two datasets (a target's unlabelled and test parts)
 
 
 def _coded(truth: pd.Series, chosen: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -115,12 +125,14 @@ def _matched_boxes(truth: pd.DataFrame, found: pd.DataFrame) -> tuple[np.ndarray
 
 
 def _crops(test: pd.DataFrame, detections: pd.DataFrame | None, prepared: Path, geometry: CropParams):
-    """Every crop to classify, in order: per test cell its crop at the matched detection (fields, end
-    to end) or its prepared crop (single-cell images, and every cell when no detector was trained),
-    then the field cells at their true boxes."""
+    """Every crop to classify, in order: per test cell its crop at the matched detection (smear
+    fields, end to end) or its prepared crop (single-cell images, and every cell when no detector
+    was trained), then the field cells at their true boxes."""
     end_to_end, at_truth, rescaled = [], [], np.full(len(test), np.nan)
     position = {index: k for k, index in enumerate(test.index)}
-    detected = has_box(test) if detections is not None else pd.Series(False, index=test.index)
+    fields = read_images(prepared).query("field != ''")[KEY]  # the images the detect stage ran on
+    on_field = pd.MultiIndex.from_frame(test[KEY]).isin(pd.MultiIndex.from_frame(fields))
+    detected = pd.Series(on_field if detections is not None else False, index=test.index)
     by_image = dict(tuple(detections.groupby("image"))) if detections is not None else {}
     for image, truth in tqdm(test[detected].groupby("image", sort=True), desc="evaluate fields", unit="field"):
         chosen, score = _matched_boxes(truth, by_image.get(image, detections.iloc[:0]))

@@ -67,6 +67,9 @@ class ReadResult:
     vocabulary: str | None  # the classes.yaml source vocabulary of the labels (None: unlabelled)
     annotations: list[Annotation] = field(default_factory=list)
     background_images: list[str] = field(default_factory=list)  # fields known to hold no white cell
+    # one white cell per image, its box only centring the crop: a classification dataset's cells, which a
+    # user classifies at their crop; as a source's they still teach the detector where a cell is
+    cell_images: bool = False
     findings: list[Finding] = field(default_factory=list)
 
     def reject(self, file: str, row: str, reason: str, detail: str) -> None:

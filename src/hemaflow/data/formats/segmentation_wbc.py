@@ -6,7 +6,9 @@ images, 300x300, CellaVision blog), with the class labels at its top as ``Class 
 The reader takes either the repository's top folder with ``subset: Dataset 1`` / ``Dataset 2``, or
 one dataset's folder whose labels CSV sits inside it or beside it. Masks hold 0 background, 128
 cytoplasm, 255 nucleus; the cell's box is the bounding box of the non-zero mask. Classes 1-5:
-neutrophil, lymphocyte, monocyte, eosinophil, basophil.
+neutrophil, lymphocyte, monocyte, eosinophil, basophil. The images are single-cell crops
+(``ReadResult.cell_images``): a test or target image is classified at its cell's crop, not through
+the detector; a source's boxes still train it.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def read(root: Path, subset: str | None = None) -> ReadResult:
         raise LayoutError(f"{folder}: expected NNN.bmp images with NNN.png masks and a labels CSV, found no .bmp")
     table = read_table(_labels_csv(folder), COLUMNS)
     labels = {int(i): label or None for i, label in zip(table["image"], table["label"], strict=True) if i.isdigit()}
-    result = ReadResult("segmentation_wbc")
+    result = ReadResult("segmentation_wbc", cell_images=True)
     for image_path in images:
         name, mask_path = image_path.name, image_path.with_suffix(".png")
         if not mask_path.exists():
