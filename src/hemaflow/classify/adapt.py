@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import entropy
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -78,15 +79,9 @@ def information_maximization(probabilities: np.ndarray, groups: Sequence[str]) -
     ``groups`` (one per class). High when predictions are both confident and spread over the groups;
     a classifier that calls most target cells one thing, sure of itself, scores near 0, where ATC
     scores it high."""
-    names = sorted(set(groups))
-    summed = np.zeros((len(probabilities), len(names)))
-    for column, group in enumerate(groups):
-        summed[:, names.index(group)] += probabilities[:, column]
-
-    def entropy(p: np.ndarray) -> np.ndarray:
-        return -np.sum(p * np.log(np.clip(p, 1e-12, None)), axis=-1)
-
-    return float(entropy(summed.mean(0)) - entropy(summed).mean())
+    names, group_of = np.unique(np.asarray(groups), return_inverse=True)
+    summed = probabilities @ np.eye(len(names))[group_of]  # N x groups
+    return float(entropy(summed.mean(0)) - entropy(summed, axis=1).mean())
 
 
 def choose_method(selection: dict[str, dict]) -> tuple[str, str]:

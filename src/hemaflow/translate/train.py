@@ -15,6 +15,7 @@ loaded with ``weights_only=True``) and a rerun with the same params and data res
 
 from __future__ import annotations
 
+import collections
 import itertools
 import random
 import time
@@ -263,7 +264,7 @@ def train_translator(
         for loader in loaders:
             loader.dataset.transform.set_random_seed(epoch_seed)
         gan.train()
-        sums, steps, tick = dict.fromkeys(LOSSES, 0.0), 0, time.perf_counter()
+        sums, steps, tick = collections.Counter(), 0, time.perf_counter()
         bar = tqdm(
             zip(*loaders, strict=True),
             total=len(loaders[0]),
@@ -294,7 +295,9 @@ def train_translator(
             scheduler.step()
         history.append(
             {"epoch": epoch + 1, "lr": optimizer_g.param_groups[0]["lr"]}
-            | {f"loss_{name}": sums[name] / steps for name in LOSSES}
+            # a loss this recipe leaves off (identity at lambda_identity 0, class at lambda_class 0) is
+            # empty in plots/translate/losses.csv, not a 0 that reads as a perfectly kept class
+            | {f"loss_{name}": sums[name] / steps if name in sums else None for name in LOSSES}
         )
         training_state.save(
             {
@@ -317,7 +320,7 @@ def train_translator(
             "epochs": len(history),
             "source_cells": len(paths_a),
             "target_cells": len(paths_b),
-            "final_losses": {k[5:]: v for k, v in final.items() if k.startswith("loss_")},
+            "final_losses": {k[5:]: v for k, v in final.items() if k.startswith("loss_") and v is not None},
             "train_ms_per_image": 1000 * seconds / seen if seen else None,  # None: everything resumed
             "device": device.type,
             "conditions": conditions(),
