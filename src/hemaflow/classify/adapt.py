@@ -91,9 +91,10 @@ def choose_method(selection: dict[str, dict]) -> tuple[str, str]:
     With a labelled target slice, the best out-of-fold macro-F1 on it over coarse groups (the five
     main types where the target holds only those): the target's own labels, however few, beat any
     proxy. Without one, the highest information (``information_maximization`` over coarse groups) of
-    the target predictions. Not ATC, which is also recorded: on the real benchmarks it picked the
-    test's best in 1 of 9 real runs (README), because an unadapted classifier can be most confident
-    where it is most wrong (BCCD: 55 of 71 cells called immature granulocytes, ATC 0.6678, accuracy 0).
+    the target predictions. Not ATC, which is also recorded: on the real benchmarks it kept picking
+    none where adabn was the test's best (README's record), because an unadapted classifier can be
+    most confident where it is most wrong (BCCD: 55 of 71 cells called immature granulocytes, ATC
+    0.6678, accuracy 0).
     Ties go to the method listed first in adapt.methods."""
     methods = list(selection)
     if any(s["target_labelled_coarse_macro_f1"] is not None for s in selection.values()):
