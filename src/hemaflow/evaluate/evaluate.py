@@ -130,9 +130,10 @@ def _crops(test: pd.DataFrame, detections: pd.DataFrame | None, prepared: Path, 
     was trained), then the field cells at their true boxes."""
     end_to_end, at_truth, rescaled = [], [], np.full(len(test), np.nan)
     position = {index: k for k, index in enumerate(test.index)}
-    fields = read_images(prepared).query("field != ''")[KEY]  # the images the detect stage ran on
-    on_field = pd.MultiIndex.from_frame(test[KEY]).isin(pd.MultiIndex.from_frame(fields))
-    detected = pd.Series(on_field if detections is not None else False, index=test.index)
+    detected = pd.Series(False, index=test.index)
+    if detections is not None:  # through the detector: the cells of the fields the detect stage ran on
+        fields = read_images(prepared).query("field != ''")
+        detected[:] = pd.MultiIndex.from_frame(test[KEY]).isin(pd.MultiIndex.from_frame(fields[KEY]))
     by_image = dict(tuple(detections.groupby("image"))) if detections is not None else {}
     for image, truth in tqdm(test[detected].groupby("image", sort=True), desc="evaluate fields", unit="field"):
         chosen, score = _matched_boxes(truth, by_image.get(image, detections.iloc[:0]))
