@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import hemaflow
 from conftest import hemaflow_command, kill_when, load, run, shared_dataset, write_params
 from hemaflow.classify.train import fit_temperature, train_classifier
 from hemaflow.evaluate.evaluate import evaluate
@@ -134,6 +138,27 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tiny_models, tmp_
     resumed = run(command)
     assert "resuming after epoch 1" in resumed.stdout + resumed.stderr
     assert _scores(tmp_path / "metrics.json") == _scores(tiny_models.root / "classify.json")  # the uninterrupted run
+
+
+def test_a_state_written_by_other_code_is_not_resumed(tmp_path):
+    # the state key covers hemaflow's source: a run killed before a code change starts over,
+    # rather than mixing epochs trained by the old code into a model the new code reports
+    copy = tmp_path / "src" / "hemaflow"
+    shutil.copytree(Path(hemaflow.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    probe = "import hemaflow.resume as r; print(r.__file__, r.fingerprint({'epochs': 6}, 0))"
+
+    def key() -> str:
+        env = {**os.environ, "PYTHONPATH": str(tmp_path / "src")}
+        printed = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        where, fingerprint = printed.stdout.split()
+        assert Path(where).is_relative_to(copy)  # the copy is the code that runs
+        return fingerprint
+
+    before = key()
+    assert key() == before  # the same code: the same key, so an interrupted run resumes
+    with (copy / "classify" / "train.py").open("a") as source:
+        source.write("# a change\n")
+    assert key() != before
 
 
 def test_torchrun_two_processes_on_gloo(tiny_models, tmp_path):

@@ -174,3 +174,23 @@ def test_a_target_with_detector_boxes_trains_the_detector_on_its_boxes_and_keeps
     assert len(coco["val"]["images"]) > 0 and coco["target"]["images"] == []
     test = json.loads((tmp_path / "prepared" / "coco" / "test.json").read_text())
     assert len(test["annotations"]) == 71  # the test split is never a training field
+
+
+def test_a_file_that_is_a_target_field_and_a_test_field_carries_its_boxes_once_in_each(tmp_path):
+    # BCCD's whole folder as the detector-box target and its test subset as the test split: the test
+    # files are fields of both datasets, and each dataset's fields must carry that dataset's boxes only
+    shared_dataset("bccd")
+    bccd = {"format": "bccd", "path": "bccd", "px_per_um": 12.3, "domain": "bccd"}
+    cells = _prepared_cells(
+        tmp_path,
+        [
+            {"name": "pbc", "part": [0.0, 0.05], **ACEVEDO},
+            {"name": "bccd", "role": "target", "detector_boxes": True, **bccd},
+            {"name": "bccd_test", "subset": "test", "role": "test", **bccd},
+        ],
+    )
+    test_files = set(cells.loc[cells["dataset"] == "bccd_test", "image"])
+    assert test_files <= set(cells.loc[cells["dataset"] == "bccd", "image"])  # the same files in both
+    coco = {s: json.loads((tmp_path / "prepared" / "coco" / f"{s}.json").read_text()) for s in ("train", "val", "test")}
+    assert len(coco["test"]["annotations"]) == (cells["dataset"] == "bccd_test").sum() == 71
+    assert len(coco["train"]["annotations"]) + len(coco["val"]["annotations"]) == (cells["dataset"] == "bccd").sum()

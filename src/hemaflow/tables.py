@@ -26,9 +26,12 @@ __all__ = [
     "CELL_COLUMNS",
     "DETECTIONS_CARD",
     "DETECTION_COLUMNS",
+    "IMAGE_KEY",
     "boxes",
+    "field_boxes",
     "has_box",
     "labelled",
+    "on_images",
     "read_cells",
     "read_crop",
     "read_crops",
@@ -57,6 +60,9 @@ CELL_COLUMNS = [
     "crop",
 ]
 DETECTION_COLUMNS = ["image", *BOX, "score"]
+# What names an image in cells.csv and images.csv: one image file may serve several datasets (a
+# target's unlabelled and test parts), so the file alone does not.
+IMAGE_KEY = ["dataset", "image"]
 DETECTIONS_CARD = "detector.json"  # beside the detection CSVs: which detector found them, or that none was trained
 
 
@@ -87,6 +93,18 @@ def has_box(cells: pd.DataFrame) -> pd.Series:
 def boxes(frame: pd.DataFrame) -> np.ndarray:
     """The N x 4 box array of a cells or detections table (NaN where a cell has no box)."""
     return frame[BOX].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64).reshape(-1, 4)
+
+
+def on_images(rows: pd.DataFrame, images: pd.DataFrame) -> np.ndarray:
+    """Which ``rows`` (cells or images) lie on one of ``images``, matched on ``IMAGE_KEY``."""
+    return pd.MultiIndex.from_frame(rows[IMAGE_KEY]).isin(pd.MultiIndex.from_frame(images[IMAGE_KEY]))
+
+
+def field_boxes(fields: pd.DataFrame, cells: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The true boxes of each field (rows of images.csv), keyed by image file as detections are: a
+    file that serves two datasets gets the boxes of the dataset it is a field of, not both."""
+    by_key = dict(tuple(cells.groupby(IMAGE_KEY)))
+    return {f.image: boxes(by_key.get((f.dataset, f.image), cells.iloc[:0])) for f in fields.itertuples()}
 
 
 def labelled(cells: pd.DataFrame, role: str | None = None) -> pd.DataFrame:

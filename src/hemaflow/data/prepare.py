@@ -42,7 +42,7 @@ from hemaflow.data.report import write_data_metrics
 from hemaflow.data.scale import clip_box, crop_cell, rescale, rescale_box
 from hemaflow.errors import HemaflowError
 from hemaflow.params import DatasetParams, PrepareParams, Role
-from hemaflow.tables import CELL_COLUMNS, Box, boxes, read_crop, write_cells
+from hemaflow.tables import CELL_COLUMNS, IMAGE_KEY, Box, field_boxes, on_images, read_crop, write_cells
 
 __all__ = ["prepare"]
 
@@ -304,15 +304,16 @@ def _derive_backgrounds(
     train: pd.DataFrame, cells: pd.DataFrame, params: PrepareParams, out: Path, factor_of: dict[str, float], seed: int
 ) -> tuple[pd.DataFrame, list[Finding]]:
     """Extra background fields (rows like ``train``'s) so that ``fields.min_background`` is reached."""
-    with_cells = train[train["image"].isin(cells["image"])]
+    with_cells = train[on_images(train, cells)]
     share = params.fields.min_background
     needed = int(np.ceil((share * len(train) - (len(train) - len(with_cells))) / (1 - share)))
     if needed <= 0 or with_cells.empty:
         return train.iloc[:0], []
     chosen = with_cells.sample(n=min(needed, len(with_cells)), random_state=seed)
     rows, findings = [], []
+    truth = field_boxes(chosen, cells)
     for row in chosen.itertuples():
-        found = boxes(cells[cells["image"] == row.image]) * factor_of[row.dataset]
+        found = truth[row.image] * factor_of[row.dataset]
         field = read_crop(out / row.field)
         name = row.field.replace(".png", "__background.png")
         Image.fromarray(erase_cells(field, found)).save(out / name)
@@ -399,16 +400,15 @@ def prepare(*, params: PrepareParams, seed: int, out: Path, metrics: Path, plots
         )
         images = images.drop(columns="strata")
         cells = pd.DataFrame(cell_rows, columns=[c for c in CELL_COLUMNS if c not in ("fold", "split")])
-        # one image file may serve several datasets (a target's unlabelled and test parts): key on both
-        placed = images[["dataset", "image", "role", "fold", "split"]]
-        cells = cells.drop(columns="role").merge(placed, on=["dataset", "image"], how="left", validate="many_to_one")
+        placed = images[[*IMAGE_KEY, "role", "fold", "split"]]
+        cells = cells.drop(columns="role").merge(placed, on=IMAGE_KEY, how="left", validate="many_to_one")
         cells = cells[CELL_COLUMNS]
         write_cells(staging, cells)
         write_csv(staging / "images.csv", images)
         findings += same_bytes(images[["image", "role", "sha256"]].itertuples(index=False))
         factor_of = {name: params.fields.px_per_um / d.px_per_um for name, d in resolved.items()}
         fields = images[images["field"] != ""]
-        field_cells = cells[cells["image"].isin(fields["image"])]
+        field_cells = cells[on_images(cells, fields)]
         train_fields = fields[fields["split"] == "train"]
         derived, derived_findings = _derive_backgrounds(train_fields, field_cells, params, staging, factor_of, seed)
         findings += derived_findings
@@ -421,6 +421,6 @@ def prepare(*, params: PrepareParams, seed: int, out: Path, metrics: Path, plots
             chosen = fields[fields["split"] == split]
             if split == "train":
                 chosen = pd.concat([chosen, derived], ignore_index=True)
-            coco = _coco(chosen, field_cells[field_cells["image"].isin(chosen["image"])], factor_of)
+            coco = _coco(chosen, field_cells[on_images(field_cells, chosen)], factor_of)
             (staging / "coco" / f"{split}.json").write_text(json.dumps(coco))
     write_data_metrics(cells, images, findings_frame, matrix, scales, metrics, plots)

@@ -21,7 +21,14 @@ from hemaflow.detect.detector import DetectorEnsemble, NoDetector, score_thresho
 from hemaflow.detect.metrics import ap50, detection_metrics
 from hemaflow.metrics import across_seeds
 from hemaflow.params import DetectParams, EvaluateParams, PredictParams
-from hemaflow.tables import BOX, DETECTION_COLUMNS, DETECTIONS_CARD, boxes, read_cells, read_images
+from hemaflow.tables import (
+    BOX,
+    DETECTION_COLUMNS,
+    DETECTIONS_CARD,
+    field_boxes,
+    read_cells,
+    read_images,
+)
 
 __all__ = ["SPLITS", "detect", "detection_rows"]
 
@@ -68,7 +75,7 @@ def detect(
     write_json(out / DETECTIONS_CARD, {"detector": result["detector"], "score_threshold": threshold})
     for split in SPLITS:
         chosen = images[(images["split"] == split) & (images["field"] != "")]
-        truth = {image: boxes(cells[cells["image"] == image]) for image in chosen["image"]}
+        truth = field_boxes(chosen, cells)
         predictions = _predict(ensemble, chosen, split)
         rows = [
             r for image, (found, s) in predictions.items() for r in detection_rows(image, *_above(found, s, threshold))
@@ -108,7 +115,7 @@ def _spread(
     """Test AP50 of each training seed's detector alone (``known``: those already measured): mean and
     standard deviation across seeds."""
     fields = images[(images["split"] == "test") & (images["field"] != "")]
-    truth = {image: boxes(cells[cells["image"] == image]) for image in fields["image"]}
+    truth = field_boxes(fields, cells)
     folders = [model, *sorted((model / "seeds").glob("seed*"), key=lambda f: int(f.name[4:]))]
     scores = dict(known)
     for folder in folders:

@@ -36,7 +36,7 @@ from hemaflow.params import DetectParams
 from hemaflow.pretrained import load_pretrained, read_card
 from hemaflow.resume import file_digest, fingerprint
 from hemaflow.runtime import seed_folder, select_device
-from hemaflow.tables import boxes, read_cells, read_images
+from hemaflow.tables import field_boxes, read_cells, read_images
 
 __all__ = ["checkpoint_loader", "reset_stale_work_dir", "train_detector"]
 
@@ -182,12 +182,11 @@ def validation_threshold(out: Path, prepared: Path, params: DetectParams, batch_
     images, cells = read_images(prepared), read_cells(prepared)
     fields = images[(images["split"] == "val") & (images["field"] != "")]
     detector = Detector.load(out, params.device)
-    truth, predictions = {}, {}
+    predictions = {}
     for field in fields.itertuples():
         rgb = load_rgb(Path(field.image), MAX_FIELD_PIXELS)[0]
         predictions[field.image] = detector(rgb, field.px_per_um, params.tile_overlap, batch_size)
-        truth[field.image] = boxes(cells[cells["image"] == field.image])
-    return choose_threshold(truth, predictions)
+    return choose_threshold(field_boxes(fields, cells), predictions)
 
 
 def train_detector(

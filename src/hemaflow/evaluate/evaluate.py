@@ -48,6 +48,7 @@ from hemaflow.runtime import select_device
 from hemaflow.tables import (
     boxes,
     labelled,
+    on_images,
     read_cells,
     read_crop,
     read_detections,
@@ -56,8 +57,6 @@ from hemaflow.tables import (
 )
 
 __all__ = ["coverage_curve", "evaluate", "score_cells"]
-
-KEY = ["dataset", "image"]  # one image file may serve two datasets (a target's unlabelled and test parts)
 
 
 def _coded(truth: pd.Series, chosen: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -133,7 +132,7 @@ def _crops(test: pd.DataFrame, detections: pd.DataFrame | None, prepared: Path, 
     detected = pd.Series(False, index=test.index)
     if detections is not None:  # through the detector: the cells of the fields the detect stage ran on
         fields = read_images(prepared).query("field != ''")
-        detected[:] = pd.MultiIndex.from_frame(test[KEY]).isin(pd.MultiIndex.from_frame(fields[KEY]))
+        detected[:] = on_images(test, fields)
     by_image = dict(tuple(detections.groupby("image"))) if detections is not None else {}
     for image, truth in tqdm(test[detected].groupby("image", sort=True), desc="evaluate fields", unit="field"):
         chosen, score = _matched_boxes(truth, by_image.get(image, detections.iloc[:0]))
