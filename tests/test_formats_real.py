@@ -119,6 +119,21 @@ def test_prepare_on_real_datasets_end_to_end(tmp_path):
     assert metrics["rejected"] == 0
 
 
+def _bccd_detector_target(tmp_path, target: dict):
+    """``_prepared_cells`` of a small Acevedo_20 source, BCCD (``target``) as an unlabelled target whose
+    boxes train the detector, and BCCD's official test subset as the test split."""
+    shared_dataset("bccd")
+    bccd = {"format": "bccd", "path": "bccd", "px_per_um": 12.3, "domain": "bccd"}
+    return _prepared_cells(
+        tmp_path,
+        [
+            {"name": "pbc", "part": [0.0, 0.05], **ACEVEDO},
+            {"name": "bccd", "role": "target", "detector_boxes": True, **target, **bccd},
+            {"name": "bccd_test", "subset": "test", "role": "test", **bccd},
+        ],
+    )
+
+
 def test_one_folder_as_unlabelled_target_few_shot_slice_and_test_keeps_each_cell_once_per_role(tmp_path):
     shared_dataset("cellavision_blog")
     blog = {"format": "segmentation_wbc", "path": "cellavision_blog", "px_per_um": "auto", "domain": "cellavision"}
@@ -151,16 +166,7 @@ def test_one_folder_as_unlabelled_target_few_shot_slice_and_test_keeps_each_cell
 
 
 def test_a_target_with_detector_boxes_trains_the_detector_on_its_boxes_and_keeps_its_cells_unlabelled(tmp_path):
-    shared_dataset("bccd")
-    bccd = {"format": "bccd", "path": "bccd", "px_per_um": 12.3, "domain": "bccd"}
-    cells = _prepared_cells(
-        tmp_path,
-        [
-            {"name": "pbc", "part": [0.0, 0.05], **ACEVEDO},
-            {"name": "bccd", "subset": "trainval", "role": "target", "detector_boxes": True, **bccd},
-            {"name": "bccd_test", "subset": "test", "role": "test", **bccd},
-        ],
-    )
+    cells = _bccd_detector_target(tmp_path, {"subset": "trainval"})
     target = cells[cells["dataset"] == "bccd"]
     assert set(target["role"]) == {"target"} and set(target["fine_class"]) == {""}  # no class reaches training
     assert set(target["split"]) == {"train", "val"}
@@ -179,16 +185,7 @@ def test_a_target_with_detector_boxes_trains_the_detector_on_its_boxes_and_keeps
 def test_a_file_that_is_a_target_field_and_a_test_field_carries_its_boxes_once_in_each(tmp_path):
     # BCCD's whole folder as the detector-box target and its test subset as the test split: the test
     # files are fields of both datasets, and each dataset's fields must carry that dataset's boxes only
-    shared_dataset("bccd")
-    bccd = {"format": "bccd", "path": "bccd", "px_per_um": 12.3, "domain": "bccd"}
-    cells = _prepared_cells(
-        tmp_path,
-        [
-            {"name": "pbc", "part": [0.0, 0.05], **ACEVEDO},
-            {"name": "bccd", "role": "target", "detector_boxes": True, **bccd},
-            {"name": "bccd_test", "subset": "test", "role": "test", **bccd},
-        ],
-    )
+    cells = _bccd_detector_target(tmp_path, {})  # the whole folder
     test_files = set(cells.loc[cells["dataset"] == "bccd_test", "image"])
     assert test_files <= set(cells.loc[cells["dataset"] == "bccd", "image"])  # the same files in both
     coco = {s: json.loads((tmp_path / "prepared" / "coco" / f"{s}.json").read_text()) for s in ("train", "val", "test")}
