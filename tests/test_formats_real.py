@@ -14,17 +14,18 @@ from hemaflow.data.classes import load_class_matrix
 from hemaflow.data.formats import read_dataset
 from hemaflow.data.formats.segmentation_wbc import mask_box
 from hemaflow.params import DatasetFormat
+from hemaflow.tables import read_images
 
 ACEVEDO = {"format": "acevedo20", "path": "acevedo20_subset", "role": "source", "px_per_um": 10.0}
 
 
-def _prepared_cells(tmp_path, datasets: list[dict]):
-    """``prepare`` (5 folds) on these datasets of ../shared/data; its cells table."""
+def _prepared_cells(tmp_path, datasets: list[dict], **prepare_params):
+    """``prepare`` (5 folds, and ``prepare_params``) on these datasets of ../shared/data; its cells table."""
     from conftest import load
     from hemaflow.data.prepare import prepare
 
     root = shared_dataset("acevedo20_subset").parent
-    params = load({"prepare": {"root": str(root), "folds": 5, "datasets": datasets}}).prepare
+    params = load({"prepare": {"root": str(root), "folds": 5, "datasets": datasets, **prepare_params}}).prepare
     prepare(params=params, seed=0, out=tmp_path / "prepared", metrics=tmp_path / "data.json", plots=tmp_path / "plots")
     return pd.read_csv(tmp_path / "prepared" / "cells.csv", keep_default_na=False)
 
@@ -191,3 +192,21 @@ def test_a_file_that_is_a_target_field_and_a_test_field_carries_its_boxes_once_i
     coco = {s: json.loads((tmp_path / "prepared" / "coco" / f"{s}.json").read_text()) for s in ("train", "val", "test")}
     assert len(coco["test"]["annotations"]) == (cells["dataset"] == "bccd_test").sum() == 71
     assert len(coco["train"]["annotations"]) + len(coco["val"]["annotations"]) == (cells["dataset"] == "bccd").sum()
+
+
+def test_held_out_single_cell_source_images_are_classified_at_their_crop_not_as_fields(tmp_path):
+    # the blog as a labelled source with a fold held out as the test split: its training images
+    # teach the detector, its held-out ones are scored at their crop as a test dataset's would be
+    shared_dataset("cellavision_blog")
+    blog = {"format": "segmentation_wbc", "path": "cellavision_blog", "px_per_um": "auto"}
+    _prepared_cells(tmp_path, [{"name": "blog", "role": "source", **blog}], test_fold=4)
+    prepared = tmp_path / "prepared"
+    images = read_images(prepared)
+    held_out = images[images["role"] == "test"]
+    assert 10 <= len(held_out) <= 30 and (held_out["field"] == "").all()
+    assert (images.loc[images["role"] == "source", "field"] != "").all()
+    test = json.loads((prepared / "coco" / "test.json").read_text())
+    assert test["images"] == [] and test["annotations"] == []
+    on_disk = {f.relative_to(prepared).as_posix() for f in (prepared / "fields").rglob("*.png")}
+    derived = {f for f in on_disk if f.endswith("__background.png")}  # cells painted out: training backgrounds
+    assert on_disk - derived == set(images.loc[images["field"] != "", "field"])  # no held-out field left behind

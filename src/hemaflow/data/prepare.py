@@ -64,6 +64,7 @@ class _ImageJob:
     index: int  # position within its dataset: part of the cell ids
     cells: tuple[_Cell, ...]
     is_field: bool  # a smear field (boxes) rather than a single-cell image
+    cell_image: bool  # the reader's images are single cells (``ReadResult.cell_images``)
 
 
 def _fine_class(dataset: DatasetParams, vocabulary: dict[str, str | None], label: str) -> tuple[bool, str | None]:
@@ -152,7 +153,16 @@ def _collect_jobs(
         for index, name in enumerate(sorted(by_image)):
             image = (Path(params.root) / dataset.path / name).as_posix()
             jobs.append(
-                _ImageJob(dataset, root / dataset.path / name, name, image, index, tuple(by_image[name]), is_field)
+                _ImageJob(
+                    dataset,
+                    root / dataset.path / name,
+                    name,
+                    image,
+                    index,
+                    tuple(by_image[name]),
+                    is_field,
+                    result.cell_images,
+                )
             )
     if unknown:
         lines = [
@@ -395,6 +405,11 @@ def prepare(*, params: PrepareParams, seed: int, out: Path, metrics: Path, plots
             held_out = source & (images["fold"] == params.test_fold)
             images.loc[held_out, "role"] = Role.test.value
             source &= ~held_out
+            # a held-out single-cell image is classified at its crop, as a test dataset's is: no field
+            at_crop = held_out & images["dataset"].isin({job.dataset.name for job in jobs if job.cell_image})
+            for field in images.loc[at_crop & (images["field"] != ""), "field"]:
+                (staging / field).unlink()
+            images.loc[at_crop, "field"] = ""
         images["split"] = np.where(
             source | target_boxes, np.where(images["fold"] == params.val_fold, "val", "train"), images["role"]
         )
