@@ -182,6 +182,18 @@ def test_a_labelled_target_slice_outranks_the_unsupervised_estimate():
     assert method == "adabn" and "labelled target slice (0.8000, 50 cells" in why
 
 
+def test_information_never_deploys_a_method_that_costs_the_labelled_source():
+    """The 128 px CycleGAN run: translated training cells made the classifier surer of the target
+    (the highest IM) while it lost the source's classes out of fold and the test's lead."""
+    unlabelled = {"none": _selection(0.5), "cyclegan": _selection(0.9), "adabn": _selection(0.6)}
+    assert choose_method(unlabelled)[0] == "cyclegan"
+    method, why = choose_method(unlabelled, harms_source=["cyclegan"])
+    assert method == "adabn" and why.endswith("left out for costing the source out of fold: cyclegan")
+    # the target's own labels are direct evidence: a source cost does not overrule them
+    labelled = {"none": _selection(0.5, 0.4), "cyclegan": _selection(0.9, 0.8)}
+    assert choose_method(labelled, harms_source=["cyclegan"])[0] == "cyclegan"
+
+
 @pytest.mark.slow
 def test_the_scores_that_choose_a_method_never_read_a_test_label(tiny_models, tmp_path):
     """Relabel every test cell: the selection scores, and so the choice, stay exactly the same."""

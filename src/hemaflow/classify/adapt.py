@@ -9,7 +9,7 @@ reading of the choice for ``hemaflow predict``.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -84,17 +84,20 @@ def information_maximization(probabilities: np.ndarray, groups: Sequence[str]) -
     return float(entropy(summed.mean(0)) - entropy(summed, axis=1).mean())
 
 
-def choose_method(selection: dict[str, dict]) -> tuple[str, str]:
+def choose_method(selection: dict[str, dict], harms_source: Collection[str] = ()) -> tuple[str, str]:
     """The adaptation method to deploy, from each method's ``selection`` scores (train_classifier's
     metrics: no test label is among them) -> (method, why).
 
     With a labelled target slice, the best out-of-fold macro-F1 on it over coarse groups (the five
     main types where the target holds only those): the target's own labels, however few, beat any
     proxy. Without one, the highest information (``information_maximization`` over coarse groups) of
-    the target predictions. Not ATC, which is also recorded: on the real benchmarks it kept picking
-    none where adabn was the test's best (README's record), because an unadapted classifier can be
-    most confident where it is most wrong (BCCD: 55 of 71 cells called immature granulocytes, ATC
-    0.6678, accuracy 0).
+    the target predictions, among the methods not in ``harms_source``: those whose out-of-fold
+    source macro-F1 is significantly below none's. A method that changes what the labelled cells
+    are (a translation that paints one class into another) makes the classifier confident on the
+    target whether or not it is right, and IM rewards confidence (README: the 128 px CycleGAN run).
+    Not ATC, which is also recorded: on the real benchmarks it kept picking none where adabn was the
+    test's best (README's record), because an unadapted classifier can be most confident where it
+    is most wrong (BCCD: 55 of 71 cells called immature granulocytes, ATC 0.6678, accuracy 0).
     Ties go to the method listed first in adapt.methods."""
     methods = list(selection)
     if any(s["target_labelled_coarse_macro_f1"] is not None for s in selection.values()):
@@ -102,12 +105,14 @@ def choose_method(selection: dict[str, dict]) -> tuple[str, str]:
         score = selection[best]["target_labelled_coarse_macro_f1"]
         cells = selection[best]["target_labelled_cells"]
         return best, f"best coarse macro-F1 on the labelled target slice ({score:.4f}, {cells} cells, out of fold)"
-    if any(s["target_information"] is not None for s in selection.values()):
-        best = max(methods, key=lambda m: -1.0 if (v := selection[m]["target_information"]) is None else v)
-        return (
-            best,
+    trusted = [m for m in methods if m not in harms_source] or methods
+    if any(selection[m]["target_information"] is not None for m in trusted):
+        best = max(trusted, key=lambda m: -1.0 if (v := selection[m]["target_information"]) is None else v)
+        left_out = [m for m in methods if m not in trusted]
+        return best, (
             "most informative target predictions without target labels "
-            f"(IM {selection[best]['target_information']:.4f} nats)",
+            f"(IM {selection[best]['target_information']:.4f} nats)"
+            + (f"; left out for costing the source out of fold: {', '.join(left_out)}" if left_out else "")
         )
     return methods[0], "no target cells to choose by: the first method"
 

@@ -152,13 +152,25 @@ def compare(
     """Write ``out`` (the cross-domain table), its plots, the map of the domains and ``report``.
 
     ``deployed`` names the method ``hemaflow predict`` uses, or is ``auto``: then it is chosen from
-    the classifiers' selection scores (metrics/classify), never from the test split. Each method is
+    the classifiers' selection scores (metrics/classify) and their out-of-fold source cells, never
+    from the test split. Each method is
     also set against ``none`` on the same test cells (``evaluated``: evaluate's per-cell tables) and
     on the same out-of-fold source cells (``classifiers``: train_classifier's folders, <method>/oof.csv)."""
     trained = {m: _read(metrics / "classify" / f"{m}.json") for m in methods}
     table = _table(methods, metrics, trained)
     selection = {m: trained[m]["selection"] for m in methods}
-    deployed, because = choose_method(selection) if deployed == "auto" else (deployed, "set in adapt.deploy")
+    images = pd.read_csv(prepared / "cells.csv", usecols=["cell_id", "image"], keep_default_na=False)
+    source_baseline = _read_oof(classifiers, "none", images) if "none" in methods else None
+    source_costs = {
+        m: against_baseline(_read_oof(classifiers, m, images), source_baseline, evaluation, seed, coarse=False)
+        for m in methods
+        if m != "none" and source_baseline is not None
+    }
+    harms_source = [m for m, cost in source_costs.items() if cost["interval"][1] < 0]
+    if deployed == "auto":
+        deployed, because = choose_method(selection, harms_source)
+    else:
+        because = "set in adapt.deploy"
     evaluations = {m: _read(metrics / "evaluate" / f"{m}.json") for m in methods}
     # the headline across labs: macro-F1 over coarse groups, where the domains' fine classes differ
     scored = {m: e["overall"]["coarse_macro_f1"] for m, e in evaluations.items() if e.get("status") != "none"}
@@ -167,13 +179,6 @@ def compare(
         m: against_baseline(_read_evaluated(evaluated, m), baseline, evaluation, seed)
         for m in methods
         if m != "none" and m in scored and baseline is not None
-    }
-    images = pd.read_csv(prepared / "cells.csv", usecols=["cell_id", "image"], keep_default_na=False)
-    source_baseline = _read_oof(classifiers, "none", images) if "none" in methods else None
-    source_costs = {
-        m: against_baseline(_read_oof(classifiers, m, images), source_baseline, evaluation, seed, coarse=False)
-        for m in methods
-        if m != "none" and source_baseline is not None
     }
     result = {
         "deployed_method": deployed,
