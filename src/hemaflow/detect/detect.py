@@ -21,14 +21,7 @@ from hemaflow.detect.detector import DetectorEnsemble, NoDetector, score_thresho
 from hemaflow.detect.metrics import ap50, detection_metrics
 from hemaflow.metrics import across_seeds
 from hemaflow.params import DetectParams, EvaluateParams, PredictParams
-from hemaflow.tables import (
-    BOX,
-    DETECTION_COLUMNS,
-    DETECTIONS_CARD,
-    field_boxes,
-    read_cells,
-    read_images,
-)
+from hemaflow.tables import BOX, DETECTION_COLUMNS, DETECTIONS_CARD, field_boxes, read_cells, read_images
 
 __all__ = ["SPLITS", "detect", "detection_rows"]
 

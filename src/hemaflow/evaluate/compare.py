@@ -153,9 +153,9 @@ def compare(
 
     ``deployed`` names the method ``hemaflow predict`` uses, or is ``auto``: then it is chosen from
     the classifiers' selection scores (metrics/classify) and their out-of-fold source cells, never
-    from the test split. Each method is
-    also set against ``none`` on the same test cells (``evaluated``: evaluate's per-cell tables) and
-    on the same out-of-fold source cells (``classifiers``: train_classifier's folders, <method>/oof.csv)."""
+    from the test split. Each method is also set against ``none`` on the same test cells
+    (``evaluated``: evaluate's per-cell tables) and on the same out-of-fold source cells
+    (``classifiers``: train_classifier's folders, <method>/oof.csv)."""
     trained = {m: _read(metrics / "classify" / f"{m}.json") for m in methods}
     table = _table(methods, metrics, trained)
     selection = {m: trained[m]["selection"] for m in methods}
