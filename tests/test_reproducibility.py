@@ -5,7 +5,9 @@ how oneDNN, ATen and MKL let a process pretend to have only AVX2 or to use AVX-5
 all three to the AVX2 level (hemaflow/__init__.py), so both runs must write identical models and
 metrics. The control run with ``HEMAFLOW_CPU_KERNELS=native`` shows that the choice does matter
 on this machine when nothing pins it (skipped where the CPU has no AVX-512: then the two choices
-are the same machine).
+are the same machine). OpenCV, which the detector's image transforms run on, picks its SIMD
+code by CPU as well; ``OPENCV_CPU_DISABLE`` masks its AVX2 and AVX paths to stand for an older
+machine.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import hemaflow_command, run
@@ -23,6 +26,7 @@ from conftest import hemaflow_command, run
 pytestmark = pytest.mark.slow
 
 WIDE = {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_ENABLE_INSTRUCTIONS": "AVX512"}
+OPENCV_MASKED = {"OPENCV_CPU_DISABLE": "AVX2,AVX,FP16,SSE4_1,SSE4_2"}
 NARROW = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
@@ -71,3 +75,38 @@ def test_training_gives_the_same_bytes_under_two_kernel_choices(tiny_models, tmp
     native_wide, _ = _train(tiny_models, tmp_path / "native_wide", WIDE | {"HEMAFLOW_CPU_KERNELS": "native"})
     native_narrow, _ = _train(tiny_models, tmp_path / "native_narrow", NARROW | {"HEMAFLOW_CPU_KERNELS": "native"})
     assert not _same(native_wide, native_narrow), "unpinned kernels gave identical bytes: the test shows nothing"
+
+
+def _train_detector(tiny_prepared, out: Path, environment: dict[str, str]) -> dict:
+    prepared, base = tiny_prepared
+    params = yaml.safe_load(base.read_text())
+    params["detect"].update(epochs=2, color_augment=True)  # the photometric distortion runs in OpenCV
+    out.mkdir(parents=True)
+    (out / "params.yaml").write_text(yaml.safe_dump(params))
+    command = hemaflow_command(
+        "train-detector",
+        "--params",
+        str(out / "params.yaml"),
+        "--prepared",
+        str(prepared),
+        "--work-dir",
+        str(out / "work"),
+        "--out",
+        str(out / "model"),
+        "--plots",
+        str(out / "plots"),
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENCV_CPU_DISABLE", "HEMAFLOW_CPU_KERNELS")}
+    run(command, env=env | environment)
+    return load_file(out / "model" / "best.safetensors")
+
+
+def test_the_detector_gives_the_same_bytes_whatever_simd_opencv_could_use(tiny_prepared, tmp_path):
+    assert _same(
+        _train_detector(tiny_prepared, tmp_path / "all", {}),
+        _train_detector(tiny_prepared, tmp_path / "masked", OPENCV_MASKED),
+    )
+    native = {"HEMAFLOW_CPU_KERNELS": "native"}
+    native_all = _train_detector(tiny_prepared, tmp_path / "native_all", native)
+    native_masked = _train_detector(tiny_prepared, tmp_path / "native_masked", native | OPENCV_MASKED)
+    assert not _same(native_all, native_masked), "OpenCV's SIMD level changed nothing: the test shows nothing"

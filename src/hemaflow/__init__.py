@@ -3,7 +3,7 @@
 Importing any part of hemaflow first pins the CPU math libraries to one instruction-set level,
 before torch loads them: oneDNN (convolutions), ATen (element-wise ops and reductions) and MKL
 (matrix products, in conditional-reproducibility mode) then compute the same bits on every
-x86-64 machine with AVX2, whether it also has AVX-512 or not. Left to themselves they pick the
+x86-64 machine with AVX2, whether it also has AVX-512 or not; OpenCV runs its baseline code. Left to themselves they pick the
 widest kernels each CPU offers, and the trained models of two machines drift apart (the
 committed metrics once moved by up to 0.2 on a clean clone). The cost is measured in
 ``benchmarks/reproducibility.py``; ``HEMAFLOW_CPU_KERNELS=native`` turns the pinning off for
@@ -25,6 +25,12 @@ CPU_KERNEL_PINS = {
 
 if os.environ.get("HEMAFLOW_CPU_KERNELS", "avx2") != "native":
     os.environ.update(CPU_KERNEL_PINS)
+    # OpenCV (the detector's and albumentations' image transforms) dispatches by CPU too, and its
+    # IPP dispatches again: off, every CPU runs the same baseline code. Its AVX-512 paths cannot
+    # be masked by OPENCV_CPU_DISABLE, whose parser splits the name AVX512-SKX at the hyphen.
+    import cv2
+
+    cv2.setUseOptimized(False)
 
 
 def pin_threads(count: int) -> None:

@@ -401,7 +401,8 @@ class AdaptParams(_Section):
     deploy: str
     """The method `hemaflow predict` uses by default, or ``auto``: the one ``compare`` chose without
     test labels (best on the labelled target slice when there is one, else the most informative
-    target predictions; metrics/cross_domain.json)."""
+    target predictions among the methods whose out-of-fold source macro-F1 is not significantly
+    below none's; metrics/cross_domain.json)."""
 
     @model_validator(mode="after")
     def _deployed_is_compared(self) -> AdaptParams:
