@@ -46,6 +46,12 @@ def test_spurious_tile_edge_boxes_never_reach_the_output(monkeypatch):
     assert len(boxes) == 2 and any(b == pytest.approx([0, 200, 20, 230], abs=1.0) for b in boxes)
 
 
+def _on_border(boxes: np.ndarray, shape: tuple[int, ...]) -> int:
+    """How many (x1, y1, x2, y2) boxes touch the border of an image of ``shape``."""
+    height, width = shape[:2]
+    return int(((boxes[:, 0] < 1) | (boxes[:, 1] < 1) | (boxes[:, 2] > width - 1) | (boxes[:, 3] > height - 1)).sum())
+
+
 @pytest.mark.slow
 def test_a_mosaic_finds_the_cells_its_fields_hold_and_none_on_its_edges(tiny_models):
     detector = Detector.load(tiny_models.detector, "cpu")
@@ -53,7 +59,9 @@ def test_a_mosaic_finds_the_cells_its_fields_hold_and_none_on_its_edges(tiny_mod
     images = [np.asarray(Image.open(f).convert("RGB")) for f in fields]
     height, width = images[0].shape[:2]
     mosaic = np.concatenate([np.concatenate(images[:2], axis=1), np.concatenate(images[2:4], axis=1)], axis=0)
-    threshold = 0.05  # the tiny detector's scores are low: compare every box it stands behind at all
+    # The tiny detector's scores are low, and below about 0.07 it also gives field-sized junk boxes
+    # that come and go with any change of its weights: compare the boxes above that.
+    threshold = 0.1
     alone = []
     for k, image in enumerate(images):
         boxes, scores = detector(image, 10.0, 0.5, 8)
@@ -63,13 +71,7 @@ def test_a_mosaic_finds_the_cells_its_fields_hold_and_none_on_its_edges(tiny_mod
     boxes, scores = detector(mosaic, 10.0, 0.5, 8)  # 800x600 at 10 px/um: 320x240 at 4 px/um, tiled
     tiled = boxes[scores >= threshold]
     assert len(alone) > 0
-    on_edge = (
-        (tiled[:, 0] < 1)
-        | (tiled[:, 1] < 1)
-        | (tiled[:, 2] > mosaic.shape[1] - 1)
-        | (tiled[:, 3] > mosaic.shape[0] - 1)
-    )
-    alone_on_edge = (alone[:, 0] < 1) | (alone[:, 1] < 1)
-    assert on_edge.sum() <= alone_on_edge.sum() + 1
+    # a cell cut by the mosaic's border is cut by its own field's border too: judge both on all four
+    assert _on_border(tiled, mosaic.shape) <= _on_border(alone, mosaic.shape) + 1
     found = pairwise_iou(alone, tiled).max(1) >= 0.5
     assert found.mean() >= 0.8 and abs(len(tiled) - len(alone)) <= max(2, 0.25 * len(alone))
