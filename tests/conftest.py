@@ -138,6 +138,26 @@ def hemaflow_command(*args: str | Path, **options: object) -> list[str]:
     return [sys.executable, "-m", "hemaflow", *map(str, args), *flags]
 
 
+def detector_params(path: Path, base: Path, **detect: object) -> Path:
+    """``base`` params with ``detect`` keys overridden, written to ``path``."""
+    data = yaml.safe_load(base.read_text())
+    data["detect"].update(detect)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def train_detector_command(params: Path, prepared: Path, root: Path) -> list[str]:
+    """``hemaflow train-detector`` writing its work dir, model and plots under ``root``."""
+    return hemaflow_command(
+        "train-detector",
+        params=params,
+        prepared=prepared,
+        work_dir=root / "work",
+        out=root / "model",
+        plots=root / "plots",
+    )
+
+
 def built_once(tmp_path_factory, worker_id: str, name: str, build: Callable[[Path], None]) -> Path:
     """``build(folder)`` once per test run, shared by the pytest-xdist workers (the first builds, the others wait)."""
     hemaflow.pin_threads(TEST_THREADS)  # session fixtures are set up before the autouse one

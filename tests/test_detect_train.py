@@ -12,33 +12,18 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import hemaflow_command, kill_when, run, shared_dataset, write_params
+from conftest import (
+    detector_params,
+    hemaflow_command,
+    kill_when,
+    run,
+    shared_dataset,
+    train_detector_command,
+    write_params,
+)
 from hemaflow.tables import read_cells, read_images, write_cells
 
 pytestmark = pytest.mark.slow
-
-
-def _params(path, base, **detect):
-    data = yaml.safe_load(base.read_text())
-    data["detect"].update(detect)
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def _train_command(params, prepared, root):
-    return hemaflow_command(
-        "train-detector",
-        "--params",
-        str(params),
-        "--prepared",
-        str(prepared),
-        "--work-dir",
-        str(root / "work"),
-        "--out",
-        str(root / "model"),
-        "--plots",
-        str(root / "plots"),
-    )
 
 
 def test_the_model_card_holds_a_threshold_chosen_on_validation_fields(tiny_models):
@@ -89,12 +74,12 @@ def _names_a_checkpoint(pointer: Path) -> bool:
 
 def test_killed_training_resumes_and_a_second_seed_measures_the_spread(tiny_prepared, tmp_path):
     prepared, base = tiny_prepared
-    params = _params(tmp_path / "params.yaml", base, epochs=3, batch_size=4)
+    params = detector_params(tmp_path / "params.yaml", base, epochs=3, batch_size=4)
     data = yaml.safe_load(params.read_text())
     first, second = data["base"]["seeds"][0], data["base"]["seeds"][0] + 1
     data["base"]["seeds"] = [first, second]
     params.write_text(yaml.safe_dump(data))
-    command = _train_command(params, prepared, tmp_path)
+    command = train_detector_command(params, prepared, tmp_path)
     work = tmp_path / "work" / f"seed{first}"
     kill_when(command, lambda: _names_a_checkpoint(work / "last_checkpoint"))
     assert not (tmp_path / "model" / "best.safetensors").exists(), "training finished before it could be interrupted"
@@ -129,7 +114,7 @@ def test_killed_training_resumes_and_a_second_seed_measures_the_spread(tiny_prep
 
 def test_torchrun_two_processes_on_gloo(tiny_prepared, tmp_path):
     prepared, base = tiny_prepared
-    params = _params(tmp_path / "params.yaml", base, epochs=1, batch_size=2)
+    params = detector_params(tmp_path / "params.yaml", base, epochs=1, batch_size=2)
     command = [
         sys.executable,
         "-m",
@@ -137,7 +122,7 @@ def test_torchrun_two_processes_on_gloo(tiny_prepared, tmp_path):
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        *_train_command(params, prepared, tmp_path)[2:],
+        *train_detector_command(params, prepared, tmp_path)[2:],
     ]
     run(command, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert (tmp_path / "model" / "best.safetensors").exists()
@@ -179,7 +164,7 @@ def test_real_bccd_images_through_prepare_train_and_predict(tiny_models, tmp_pat
             str(tmp_path / "p"),
         )
     )
-    run(_train_command(params, tmp_path / "prepared", tmp_path))
+    run(train_detector_command(params, tmp_path / "prepared", tmp_path))
     images = [str(raw / "JPEGImages" / f"{n}.jpg") for n in names[:3]]
     result = run(
         hemaflow_command(

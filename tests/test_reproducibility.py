@@ -18,16 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import hemaflow_command, run
+from conftest import detector_params, hemaflow_command, run, train_detector_command
 
 pytestmark = pytest.mark.slow
 
 WIDE = {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_ENABLE_INSTRUCTIONS": "AVX512"}
-OPENCV_MASKED = {"OPENCV_CPU_DISABLE": "AVX2,AVX,FP16,SSE4_1,SSE4_2"}
 NARROW = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+OPENCV_MASKED = {"OPENCV_CPU_DISABLE": "AVX2,AVX,FP16,SSE4_1,SSE4_2"}
 
 
 def _has_avx512() -> bool:
@@ -79,25 +78,11 @@ def test_training_gives_the_same_bytes_under_two_kernel_choices(tiny_models, tmp
 
 def _train_detector(tiny_prepared, out: Path, environment: dict[str, str]) -> dict:
     prepared, base = tiny_prepared
-    params = yaml.safe_load(base.read_text())
-    params["detect"].update(epochs=2, color_augment=True)  # the photometric distortion runs in OpenCV
     out.mkdir(parents=True)
-    (out / "params.yaml").write_text(yaml.safe_dump(params))
-    command = hemaflow_command(
-        "train-detector",
-        "--params",
-        str(out / "params.yaml"),
-        "--prepared",
-        str(prepared),
-        "--work-dir",
-        str(out / "work"),
-        "--out",
-        str(out / "model"),
-        "--plots",
-        str(out / "plots"),
-    )
+    # the photometric distortion runs in OpenCV
+    params = detector_params(out / "params.yaml", base, epochs=2, color_augment=True)
     env = {k: v for k, v in os.environ.items() if k not in ("OPENCV_CPU_DISABLE", "HEMAFLOW_CPU_KERNELS")}
-    run(command, env=env | environment)
+    run(train_detector_command(params, prepared, out), env=env | environment)
     return load_file(out / "model" / "best.safetensors")
 
 
