@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -66,13 +65,9 @@ def test_the_threshold_sees_the_validation_fields_and_never_the_test_ones(tiny_m
     assert validation_threshold(tiny_models.detector, other_val, detect, detect.batch_size)["f1_50"] < card["f1_50"]
 
 
-def _names_a_checkpoint(pointer: Path) -> bool:
-    """mmengine writes ``last_checkpoint`` once the checkpoint is complete, but in place: a kill
-    between creating it and writing it leaves it empty, and that run rightly starts over."""
-    return pointer.exists() and Path(pointer.read_text().strip() or pointer.parent / "none").is_file()
-
-
 def test_killed_training_resumes_and_a_second_seed_measures_the_spread(tiny_prepared, tmp_path):
+    from hemaflow.detect.train import last_checkpoint
+
     prepared, base = tiny_prepared
     params = detector_params(tmp_path / "params.yaml", base, epochs=3, batch_size=4)
     data = yaml.safe_load(params.read_text())
@@ -81,7 +76,7 @@ def test_killed_training_resumes_and_a_second_seed_measures_the_spread(tiny_prep
     params.write_text(yaml.safe_dump(data))
     command = train_detector_command(params, prepared, tmp_path)
     work = tmp_path / "work" / f"seed{first}"
-    kill_when(command, lambda: _names_a_checkpoint(work / "last_checkpoint"))
+    kill_when(command, lambda: last_checkpoint(work) is not None)  # killed after a whole checkpoint
     assert not (tmp_path / "model" / "best.safetensors").exists(), "training finished before it could be interrupted"
     run(command)
     runs = sorted(work.glob("*/vis_data/scalars.json"))

@@ -3,12 +3,12 @@
 Importing any part of hemaflow first pins the CPU math libraries to one instruction-set level,
 before torch loads them: oneDNN (convolutions), ATen (element-wise ops and reductions) and MKL
 (matrix products, in conditional-reproducibility mode) then compute the same bits on every
-x86-64 machine with AVX2, whether it also has AVX-512 or not; OpenCV runs its baseline code. Left to themselves they pick the
-widest kernels each CPU offers, and the trained models of two machines drift apart (the
-committed metrics once moved by up to 0.2 on a clean clone). The cost is measured in
-``benchmarks/reproducibility.py``; ``HEMAFLOW_CPU_KERNELS=native`` turns the pinning off for
-speed, at the price of results that depend on the machine. The thread count is pinned per run
-by ``pin_threads`` (``base.cpu_threads``), since it changes the order of sums too.
+x86-64 machine with AVX2, whether it also has AVX-512 or not, and OpenCV runs its baseline code.
+Left to themselves they pick the widest kernels each CPU offers, and the trained models of two
+machines drift apart (the committed metrics once moved by up to 0.2 on a clean clone). The cost
+is measured in ``benchmarks/reproducibility.py``; ``HEMAFLOW_CPU_KERNELS=native`` turns the
+pinning off for speed, at the price of results that depend on the machine. The thread count is
+pinned per run by ``pin_threads`` (``base.cpu_threads``), since it changes the order of sums too.
 """
 
 import os

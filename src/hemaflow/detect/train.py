@@ -38,7 +38,7 @@ from hemaflow.resume import file_digest, fingerprint
 from hemaflow.runtime import seed_folder, select_device
 from hemaflow.tables import field_boxes, read_cells, read_images
 
-__all__ = ["checkpoint_loader", "reset_stale_work_dir", "train_detector"]
+__all__ = ["checkpoint_loader", "last_checkpoint", "reset_stale_work_dir", "train_detector"]
 
 CURVE_COLUMNS = ["epoch", "train_loss", "val_mAP", "val_mAP_50"]
 
@@ -153,10 +153,21 @@ def _best_checkpoint(work_dir: Path) -> Path:
     best = sorted(work_dir.glob("best_coco_bbox_mAP_epoch_*.pth"))
     if best:
         return best[-1]
-    last = work_dir / "last_checkpoint"
-    if last.exists():
-        return Path(last.read_text().strip())
-    raise HemaflowError(f"{work_dir}: training wrote no checkpoint")
+    last = last_checkpoint(work_dir)
+    if last is None:
+        raise HemaflowError(f"{work_dir}: training wrote no checkpoint")
+    return last
+
+
+def last_checkpoint(work_dir: Path) -> Path | None:
+    """The checkpoint mmengine's ``last_checkpoint`` pointer names, if the pointer is whole.
+
+    mmengine writes the pointer in place once a checkpoint is saved, so a kill between opening and
+    writing it leaves it empty: that names no checkpoint, and resuming from it would start over.
+    """
+    pointer = work_dir / "last_checkpoint"
+    named = pointer.read_text().strip() if pointer.exists() else ""
+    return Path(named) if named and Path(named).is_file() else None
 
 
 def reset_stale_work_dir(work_dir: Path, key: str) -> bool:
@@ -171,9 +182,8 @@ def reset_stale_work_dir(work_dir: Path, key: str) -> bool:
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(key)
-    pointer = work_dir / "last_checkpoint"  # mmengine writes it in place: a kill can leave it empty
-    if pointer.exists() and not Path(pointer.read_text().strip() or work_dir / "none").is_file():
-        pointer.unlink()  # it names no checkpoint: start over rather than "resume" the work dir itself
+    if last_checkpoint(work_dir) is None:  # an empty pointer: start over, not "resume" the work dir itself
+        (work_dir / "last_checkpoint").unlink(missing_ok=True)
     return stale
 
 
