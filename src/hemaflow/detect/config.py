@@ -21,6 +21,14 @@ _PREPROCESSOR = {
     "bgr_to_rgb": True,
     "pad_size_divisor": 32,
 }
+# RTMDet's and FCOS's inference: every box above 0.001 after NMS; `detect` applies the chosen threshold.
+_DENSE_HEAD_TEST = {
+    "nms_pre": 1000,
+    "min_bbox_size": 0,
+    "score_thr": 0.001,
+    "nms": {"type": "nms", "iou_threshold": 0.6},
+    "max_per_img": 100,
+}
 
 
 def _channels(base: int, widen: float) -> int:
@@ -76,13 +84,7 @@ def _rtmdet(m: DetectorModelParams) -> dict:
             "pos_weight": -1,
             "debug": False,
         },
-        "test_cfg": {
-            "nms_pre": 1000,
-            "min_bbox_size": 0,
-            "score_thr": 0.001,
-            "nms": {"type": "nms", "iou_threshold": 0.6},
-            "max_per_img": 100,
-        },
+        "test_cfg": _DENSE_HEAD_TEST,
         "use_syncbn": False,  # SyncBN comes from the runner's sync_bn, on CUDA only (build_config)
     }
 
@@ -176,13 +178,7 @@ def _fcos(m: DetectorModelParams) -> dict:
             "loss_bbox": {"type": "GIoULoss", "loss_weight": 1.0},
             "loss_centerness": {"type": "CrossEntropyLoss", "use_sigmoid": True, "loss_weight": 1.0},
         },
-        "test_cfg": {
-            "nms_pre": 1000,
-            "min_bbox_size": 0,
-            "score_thr": 0.001,
-            "nms": {"type": "nms", "iou_threshold": 0.6},
-            "max_per_img": 100,
-        },
+        "test_cfg": _DENSE_HEAD_TEST,
     }
 
 
