@@ -62,6 +62,14 @@ def test_cross_section_rules():
     data["prepare"]["datasets"].append({**data["prepare"]["datasets"][2], "name": "slice", "role": "target_labelled"})
     with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.few_shot needs classify\.folds >= 2"):
         parse_params(data)
+    data = params_data({"adapt": {"methods": {"few": {**recipe(few_shot=True), "domain_batch_norm": True}}}})
+    data["prepare"]["datasets"].append({**data["prepare"]["datasets"][2], "name": "slice", "role": "target_labelled"})
+    with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.domain_batch_norm needs few_shot and adabn"):
+        parse_params(data)
+    data["adapt"]["methods"]["few"]["adabn"] = True
+    data["classify"]["augment"]["mixup_alpha"] = 0.2
+    with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.domain_batch_norm: mixup and cutmix blend"):
+        parse_params(data)
     data = params_data()
     data["prepare"]["datasets"][0]["detector_boxes"] = True  # the demo's first dataset is a source
     with pytest.raises(

@@ -378,6 +378,11 @@ class Recipe(_Section):
     """With few_shot: the share of each epoch's draws taken from the slice (class-balanced within
     it). A slice of a few dozen cells among a thousand source cells is otherwise drawn about as
     often as its size, and the model barely learns the target from it (README, real benchmark)."""
+    domain_batch_norm: bool = False
+    """With few_shot and adabn: in training, batch norm normalises the slice's cells by their own
+    batch statistics and the source's by theirs, and only source cells move the running statistics
+    (domain-specific batch norm); the target is then deployed as trained, with its own statistics.
+    Off: one batch norm over the mixed batch. Needs one training process and no mixup or cutmix."""
 
     @field_validator("augment")
     @classmethod
@@ -584,6 +589,16 @@ class Params(_Section):
                 raise ValueError(
                     f"adapt.methods.{name}.few_shot needs classify.folds >= 2: each fold model trains on the slice "
                     "cells that another holds out to score it"
+                )
+            if recipe.domain_batch_norm and not (recipe.few_shot and recipe.adabn):
+                raise ValueError(
+                    f"adapt.methods.{name}.domain_batch_norm needs few_shot and adabn: the slice is normalised by "
+                    "target statistics in training, so the deployed model needs the target's (AdaBN)"
+                )
+            if recipe.domain_batch_norm and (self.classify.augment.mixup_alpha or self.classify.augment.cutmix_alpha):
+                raise ValueError(
+                    f"adapt.methods.{name}.domain_batch_norm: mixup and cutmix blend source and target cells; "
+                    "set classify.augment.mixup_alpha and cutmix_alpha to 0"
                 )
             if recipe.translate is not Translation.cyclegan and recipe.translate not in self.translate.methods:
                 raise ValueError(f"adapt.methods.{name}.translate={recipe.translate.value} is not in translate.methods")

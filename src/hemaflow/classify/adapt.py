@@ -9,7 +9,8 @@ reading of the choice for ``hemaflow predict``.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,13 @@ __all__ = [
     "choose_method",
     "confident_pseudo_labels",
     "deployed_method",
+    "forward_per_domain",
     "information_maximization",
 ]
+
+
+def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 @torch.no_grad()
@@ -35,7 +41,7 @@ def adapt_batch_norm(model: nn.Module, loader: DataLoader, device: torch.device)
     """AdaBN (Li et al. 2018): replace every batch-norm layer's running mean and variance by those of
     the images in ``loader`` (the unlabelled target cells); weights stay as trained. Returns the number
     of layers adapted (0: the model has no batch norm, and is unchanged)."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    layers = _batch_norms(model)
     if not layers:
         return 0
     model.eval()  # dropout and the rest stay in inference mode
@@ -50,6 +56,40 @@ def adapt_batch_norm(model: nn.Module, loader: DataLoader, device: torch.device)
         layer.momentum = momentum
     model.eval()
     return len(layers)
+
+
+@contextmanager
+def _running_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """Batch norm in training mode normalises by the batch's own statistics and leaves its running ones as they are."""
+    layers = _batch_norms(model)
+    tracking = [layer.track_running_stats for layer in layers]
+    for layer in layers:
+        layer.track_running_stats = False  # torch and timm then pass no running buffers to batch_norm
+    try:
+        yield
+    finally:
+        for layer, tracks in zip(layers, tracking, strict=True):
+            layer.track_running_stats = tracks
+
+
+def forward_per_domain(model: nn.Module, images: torch.Tensor, from_target: torch.Tensor) -> torch.Tensor:
+    """Outputs for a training batch that mixes source cells and labelled target cells (``from_target``,
+    bool per row), in the batch's order, with each domain normalised by its own batch statistics and
+    only the source cells moving the running statistics (domain-specific batch norm, Chang et al.
+    2019). A shared batch norm normalises the target slice by source-dominated statistics in training
+    while AdaBN normalises the target by its own when deployed; and the running statistics that
+    score the source would carry the slice's colours."""
+    out = None
+    for is_target in (False, True):
+        rows = from_target == is_target
+        if not rows.any():
+            continue
+        with _running_statistics_kept(model) if is_target else nullcontext():
+            part = model(images[rows])
+        if out is None:
+            out = part.new_empty((len(images), *part.shape[1:]))
+        out[rows] = part
+    return out
 
 
 def confident_pseudo_labels(

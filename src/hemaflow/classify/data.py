@@ -14,7 +14,15 @@ from torch.utils.data import Dataset, Sampler
 from hemaflow.params import AugmentParams
 from hemaflow.tables import read_crop
 
-__all__ = ["FDA_REFERENCES", "CellDataset", "EpochSampler", "build_transform", "class_weights", "with_slice_share"]
+__all__ = [
+    "FDA_REFERENCES",
+    "CellDataset",
+    "EpochSampler",
+    "Indexed",
+    "build_transform",
+    "class_weights",
+    "with_slice_share",
+]
 
 FDA_REFERENCES = "fda_metadata"  # the transform's metadata key: unlabelled target cells, RGB uint8
 
@@ -102,6 +110,19 @@ class CellDataset(Dataset):
         image = crop if isinstance(crop, np.ndarray) else read_crop(crop)
         array = self.transform(image=image, **self.metadata)["image"]
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), self.labels[index]
+
+
+class Indexed(Dataset):
+    """A dataset whose items also carry their own index: a batch then says which rows it holds."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple:
+        return (*self.dataset[index], index)
 
 
 def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:

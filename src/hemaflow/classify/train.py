@@ -36,9 +36,17 @@ from hemaflow.classify.adapt import (
     adapt_batch_norm,
     average_thresholded_confidence,
     confident_pseudo_labels,
+    forward_per_domain,
     information_maximization,
 )
-from hemaflow.classify.data import CellDataset, EpochSampler, build_transform, class_weights, with_slice_share
+from hemaflow.classify.data import (
+    CellDataset,
+    EpochSampler,
+    Indexed,
+    build_transform,
+    class_weights,
+    with_slice_share,
+)
 from hemaflow.classify.inference import fold_logits, predict_logits
 from hemaflow.classify.model import (
     KnnClassifier,
@@ -92,13 +100,20 @@ def _fit_fold(
     if params.head == "knn":
         return (*_fit_knn(job, model, card, CellDataset(list(train["path"]), train_labels, plain)), [], None)
     augment = build_transform(card.img_size, card.mean, card.std, params.augment, job.recipe.augment)
-    train_set = CellDataset(list(train["path"]), train_labels, augment, job.references)
+    # each batch also says which rows it holds: the slice's cells among them
+    train_set = Indexed(CellDataset(list(train["path"]), train_labels, augment, job.references))
     val_set = CellDataset(list(val["path"]), [index[c] for c in val["fine_class"]], plain)
     weights = class_weights(train_labels, len(classes))
     sample_weights = weights[train_labels] if params.balance == "sampler" else None
     from_slice = (train["role"] == "target_labelled").to_numpy()
     if from_slice.any():
         sample_weights = with_slice_share(sample_weights, train_labels, from_slice, job.recipe.few_shot_share)
+    per_domain = job.recipe.domain_batch_norm and from_slice.any()
+    if per_domain and runtime.world_size > 1:
+        raise HemaflowError(
+            "classify: domain_batch_norm runs two forward passes per step, which DistributedDataParallel "
+            "does not allow; train it on one process"
+        )
     sampler = EpochSampler(len(train_set), seed + fold, sample_weights, runtime.rank, runtime.world_size)
     per_process_batch = max(params.batch_size // runtime.world_size, 2)
     loader = DataLoader(
@@ -172,7 +187,7 @@ def _fit_fold(
         bar = tqdm(
             loader, desc=f"fold {fold} epoch {epoch + 1}/{params.epochs}", unit="batch", disable=not runtime.main
         )
-        for step, (images, labels) in enumerate(bar):
+        for step, (images, labels, rows) in enumerate(bar):
             images = images.to(runtime.device, non_blocking=True)
             if cuda and params.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -180,7 +195,11 @@ def _fit_fold(
             if mixup is not None:
                 images, labels = mixup(images, labels)
             with autocast(runtime.device, params.precision):
-                loss = criterion(network(images).float(), labels)
+                if per_domain:
+                    outputs = forward_per_domain(network, images, torch.from_numpy(from_slice[rows.numpy()]))
+                else:
+                    outputs = network(images)
+                loss = criterion(outputs.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
