@@ -24,6 +24,7 @@ from hemaflow.classify.adapt import (
 from hemaflow.classify.data import CellDataset, EpochSampler, build_transform, with_slice_share
 from hemaflow.classify.train import train_classifier
 from hemaflow.params import Recipe
+from hemaflow.resume import file_digest
 
 
 def _spot_images(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,6 +282,40 @@ def test_the_scores_that_choose_a_method_never_read_a_test_label(tiny_models, tm
         )
         selections.append(json.loads(metrics.read_text())["selection"])
     assert selections[0] == selections[1] and selections[0]["target_information"] is not None
+
+
+@pytest.mark.slow
+def test_domain_batch_norm_reaches_the_training_of_a_labelled_target_slice(tiny_models, tmp_path):
+    """Every other test cell made a labelled slice: with domain_batch_norm the fold models learn
+    other weights than with one shared batch norm, and every slice cell is still scored out of fold."""
+    p = load(yaml.safe_load(tiny_models.params_file.read_text()))
+    cells = pd.read_csv(tiny_models.prepared / "cells.csv", keep_default_na=False)
+    test = cells.index[cells["role"] == "test"]
+    cells.loc[test[::2], "role"] = "target_labelled"
+    assert (cells["role"] == "target_labelled").sum() >= 4
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "crops").symlink_to(tiny_models.prepared / "crops")
+    cells.to_csv(prepared / "cells.csv", index=False)
+    weights, scored = {}, {}
+    for own in (False, True):
+        out = tmp_path / f"own{own}"
+        train_classifier(
+            model_params=p.model,
+            params=p.classify.model_copy(update={"epochs": 1, "folds": 2}),
+            recipe=Recipe(**recipe(adabn=True, few_shot=True), domain_batch_norm=own),
+            seeds=p.base.seeds,
+            cells=tiny_models.cells,
+            prepared=prepared,
+            out=out / "models",
+            metrics=out / "metrics.json",
+            plots=out / "plots",
+            state=out / "state",
+        )
+        weights[own] = file_digest(out / "models" / "fold0.safetensors")
+        scored[own] = json.loads((out / "metrics.json").read_text())["selection"]["target_labelled_cells"]
+    assert weights[True] != weights[False]  # the option changed how the slice's batches trained
+    assert scored[True] == scored[False] == (cells["role"] == "target_labelled").sum()
 
 
 def test_atc_counts_target_cells_less_sure_than_every_source_cell_as_errors_even_at_full_source_accuracy():
