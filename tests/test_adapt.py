@@ -95,25 +95,37 @@ def _centre_images(count: int, seed: int, centre: float) -> tuple[torch.Tensor, 
     return torch.tensor(images.reshape(count, 64), dtype=torch.float32), torch.tensor(labels)
 
 
+def _train_on_draws(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, share: float, epochs: int, lr: float, per_domain=False
+) -> None:
+    """Train on 512 source cells followed by a labelled target slice, the slice drawn at ``share`` of
+    each epoch, in batches of 32; ``per_domain``: domain-specific batch norm."""
+    from_target = torch.arange(len(labels)) >= 512
+    sampler = EpochSampler(len(labels), 0, with_slice_share(None, labels.tolist(), from_target.numpy(), share))
+    optimizer = torch.optim.Adam(model.parameters(), lr)
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler))
+        model.train()
+        for start in range(0, len(order), 32):
+            batch = order[start : start + 32]
+            outputs = (
+                forward_per_domain(model, images[batch], from_target[batch]) if per_domain else model(images[batch])
+            )
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(outputs, labels[batch]).backward()
+            optimizer.step()
+
+
 def _few_shot_accuracies(share: float) -> tuple[float, float]:
     """(target, source) accuracy of a small network trained on 512 source cells (class 1: a bright
     centre) and a 16-cell labelled target slice (class 1: a dark centre), the slice drawn at ``share``."""
     source_images, source_labels = _centre_images(512, 0, 0.4)
     slice_images, slice_labels = _centre_images(16, 1, -0.25)
     images, labels = torch.cat([source_images, slice_images]), torch.cat([source_labels, slice_labels])
-    weights = with_slice_share(None, labels.tolist(), np.arange(len(labels)) >= 512, share)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2))
-    optimizer = torch.optim.Adam(model.parameters(), 0.01)
-    sampler = EpochSampler(len(labels), 0, weights)
-    for epoch in range(15):
-        sampler.set_epoch(epoch)
-        order = list(sampler)
-        for start in range(0, len(order), 32):
-            batch = order[start : start + 32]
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
-            optimizer.step()
+    _train_on_draws(model, images, labels, share, epochs=15, lr=0.01)
     return _accuracy(model, *_centre_images(400, 2, -0.25)), _accuracy(model, *_centre_images(400, 3, 0.4))
 
 
@@ -149,25 +161,11 @@ def _slice_trained_spot_accuracies(per_domain: bool) -> tuple[float, float]:
     source_images, source_labels = _spot_images(512, 0)
     slice_images, slice_labels = _spot_images(16, 1)
     images, labels = torch.cat([source_images, 1.0 - slice_images]), torch.cat([source_labels, slice_labels])
-    from_target = torch.arange(len(labels)) >= 512
-    sampler = EpochSampler(len(labels), 0, with_slice_share(None, labels.tolist(), from_target.numpy(), 0.25))
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4, 2)
     )
-    optimizer = torch.optim.Adam(model.parameters(), 0.02)
-    for epoch in range(10):
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler))
-        model.train()
-        for start in range(0, len(order) - 31, 32):
-            batch = order[start : start + 32]
-            outputs = (
-                forward_per_domain(model, images[batch], from_target[batch]) if per_domain else model(images[batch])
-            )
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(outputs, labels[batch]).backward()
-            optimizer.step()
+    _train_on_draws(model, images, labels, 0.25, epochs=10, lr=0.02, per_domain=per_domain)
     source = _accuracy(model.eval(), *_spot_images(400, 3))
     test_images, test_labels = _spot_images(400, 2)
     target = TensorDataset(1.0 - test_images, test_labels)
