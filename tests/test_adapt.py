@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -19,7 +18,6 @@ from hemaflow.classify.adapt import (
     average_thresholded_confidence,
     choose_method,
     confident_pseudo_labels,
-    distilled_loss,
     forward_per_domain,
     information_maximization,
 )
@@ -98,18 +96,10 @@ def _centre_images(count: int, seed: int, centre: float) -> tuple[torch.Tensor, 
 
 
 def _train_on_draws(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    share: float,
-    epochs: int,
-    lr: float,
-    per_domain=False,
-    teacher: nn.Module | None = None,
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, share: float, epochs: int, lr: float, per_domain=False
 ) -> None:
     """Train on 512 source cells followed by a labelled target slice, the slice drawn at ``share`` of
-    each epoch, in batches of 32; ``per_domain``: domain-specific batch norm; ``teacher``: the source
-    cells learn its probabilities (``distilled_loss``)."""
+    each epoch, in batches of 32; ``per_domain``: domain-specific batch norm."""
     from_target = torch.arange(len(labels)) >= 512
     sampler = EpochSampler(len(labels), 0, with_slice_share(None, labels.tolist(), from_target.numpy(), share))
     optimizer = torch.optim.Adam(model.parameters(), lr)
@@ -122,14 +112,8 @@ def _train_on_draws(
             outputs = (
                 forward_per_domain(model, images[batch], from_target[batch]) if per_domain else model(images[batch])
             )
-            if teacher is None:
-                loss = nn.functional.cross_entropy(outputs, labels[batch])
-            else:
-                with torch.no_grad():
-                    taught = teacher(images[batch])
-                loss = distilled_loss(outputs, labels[batch], taught, from_target[batch], nn.CrossEntropyLoss())
             optimizer.zero_grad()
-            loss.backward()
+            nn.functional.cross_entropy(outputs, labels[batch]).backward()
             optimizer.step()
 
 
@@ -151,42 +135,6 @@ def test_a_small_target_slice_drawn_at_its_share_repairs_a_shift_that_its_size_a
     shared_target, shared_source = _few_shot_accuracies(0.25)
     assert by_size_target < 0.6 and by_size_source > 0.95  # 16 cells among 512 are barely learnt
     assert shared_target > 0.9 and shared_source > 0.95  # a quarter of each epoch: learnt, source kept
-
-
-def test_fine_tuning_a_source_model_on_the_slice_with_distillation_learns_the_target_and_keeps_the_source():
-    source_images, source_labels = _centre_images(512, 0, 0.4)
-    slice_images, slice_labels = _centre_images(16, 1, -0.25)  # the target's cue is inverted
-    images, labels = torch.cat([source_images, slice_images]), torch.cat([source_labels, slice_labels])
-    source_test, target_test = _centre_images(400, 3, 0.4), _centre_images(400, 2, -0.25)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2))
-    _train_on_draws(model, images, labels, 0.0, epochs=15, lr=0.01)  # the source alone: none's model
-    assert _accuracy(model, *target_test) < 0.6 and _accuracy(model, *source_test) > 0.95
-    teacher = copy.deepcopy(model).eval()
-
-    _train_on_draws(model, images, labels, 0.25, epochs=30, lr=0.01, teacher=teacher)
-
-    assert _accuracy(model, *target_test) > 0.9 and _accuracy(model, *source_test) > 0.95
-    with torch.no_grad():  # the source cells are called as the source model called them
-        kept = (model(source_test[0]).argmax(1) == teacher(source_test[0]).argmax(1)).float().mean()
-    assert kept > 0.98
-
-
-def test_distillation_leaves_source_cells_the_teacher_already_predicts_without_gradient():
-    teacher_logits = torch.tensor([[2.0, -1.0], [0.5, 0.3], [0.0, 0.0]])
-    labels = torch.tensor([1, 1, 0])  # the first source cell's label disagrees with the teacher
-    from_target = torch.tensor([False, False, True])
-    outputs = teacher_logits.clone().requires_grad_()
-    distilled_loss(outputs, labels, teacher_logits, from_target, nn.CrossEntropyLoss()).backward()
-    assert torch.allclose(outputs.grad[:2], torch.zeros(2, 2), atol=1e-7)  # not pulled toward its label
-    assert outputs.grad[2, 0] < 0 < outputs.grad[2, 1]  # the slice cell learns its label
-    # each part weighs by its share of the batch: one target cell of three
-    plain = nn.functional.cross_entropy(teacher_logits[2:], labels[2:])
-    teacher_entropy = -(teacher_logits[:2].softmax(1) * teacher_logits[:2].log_softmax(1)).sum()
-    expected = (teacher_entropy + plain) / 3
-    assert distilled_loss(teacher_logits, labels, teacher_logits, from_target, nn.CrossEntropyLoss()) == pytest.approx(
-        float(expected)
-    )
 
 
 def test_domain_batch_norm_normalises_each_domain_by_itself_and_only_the_source_moves_the_running_statistics():
@@ -366,50 +314,6 @@ def test_domain_batch_norm_reaches_the_training_of_a_labelled_target_slice(tiny_
         scored[own] = json.loads((out / "metrics.json").read_text())["selection"]["target_labelled_cells"]
     assert weights[True] != weights[False]  # the option changed how the slice's batches trained
     assert scored[True] == scored[False] == (cells["role"] == "target_labelled").sum()
-
-
-@pytest.mark.slow
-def test_few_shot_fine_tuning_trains_none_first_then_the_slice(tiny_models, tmp_path):
-    """Every other test cell made a labelled slice: each fine-tuned fold model trains none's model
-    first (its learning curve, to the digit), then the fine-tuning's epochs, ends with other weights
-    than none's and scores every slice cell out of fold."""
-    p = load(yaml.safe_load(tiny_models.params_file.read_text()))
-    cells = pd.read_csv(tiny_models.prepared / "cells.csv", keep_default_na=False)
-    test = cells.index[cells["role"] == "test"]
-    cells.loc[test[::2], "role"] = "target_labelled"
-    prepared = tmp_path / "prepared"
-    prepared.mkdir()
-    (prepared / "crops").symlink_to(tiny_models.prepared / "crops")
-    cells.to_csv(prepared / "cells.csv", index=False)
-    runs = {}
-    for name, method in [
-        ("none", Recipe(**recipe())),
-        ("tuned", Recipe(**recipe(few_shot=True), few_shot_fine_tune=1)),
-    ]:
-        out = tmp_path / name
-        train_classifier(
-            model_params=p.model,
-            params=p.classify.model_copy(update={"epochs": 2, "folds": 2}),
-            recipe=method,
-            seeds=p.base.seeds,
-            cells=tiny_models.cells,
-            prepared=prepared,
-            out=out / "models",
-            metrics=out / "metrics.json",
-            plots=out / "plots",
-            state=out / "state",
-        )
-        runs[name] = out
-    for fold in (0, 1):
-        curves = {name: pd.read_csv(out / "plots" / "curves" / f"fold{fold}.csv") for name, out in runs.items()}
-        assert list(curves["tuned"]["epoch"]) == [1, 2, 3]  # none's two epochs, then one on source + slice
-        pd.testing.assert_frame_equal(curves["tuned"].iloc[:2], curves["none"])
-        assert file_digest(runs["tuned"] / "models" / f"fold{fold}.safetensors") != file_digest(
-            runs["none"] / "models" / f"fold{fold}.safetensors"
-        )
-    metrics = json.loads((runs["tuned"] / "metrics.json").read_text())
-    assert metrics["selection"]["target_labelled_cells"] == (cells["role"] == "target_labelled").sum()
-    assert not list((runs["tuned"] / "state").rglob("*.pt"))  # both trainings' states cleared when done
 
 
 def test_atc_counts_target_cells_less_sure_than_every_source_cell_as_errors_even_at_full_source_accuracy():

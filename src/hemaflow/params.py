@@ -383,15 +383,6 @@ class Recipe(_Section):
     batch statistics and the source's by theirs, and only source cells move the running statistics
     (domain-specific batch norm); the target is then deployed as trained, with its own statistics.
     Off: one batch norm over the mixed batch. Needs one training process and no mixup or cutmix."""
-    few_shot_fine_tune: NonNegativeInt = 0
-    """With few_shot: 0 trains each fold model on source + slice from the start. N > 0: it first
-    trains on the source alone (the ``none`` model, weight for weight), then N more epochs on
-    source + slice (classify's schedule over N epochs, its warm-up at most N/2), the source cells
-    taught the first model's probabilities instead of their labels (distillation, as in Learning
-    without Forgetting): the slice moves the weights only as far as the source's predictions
-    allow. Trained on source and slice from the start, few-shot cost the source 0.0273 out-of-fold
-    macro-F1 on average over five real runs (README). Needs a trained head (classify.head finetune or linear_probe), no mixup or cutmix and no
-    self-training (whose second round trains from scratch)."""
 
     @field_validator("augment")
     @classmethod
@@ -608,24 +599,6 @@ class Params(_Section):
                 raise ValueError(
                     f"adapt.methods.{name}.domain_batch_norm: mixup and cutmix blend source and target cells; "
                     "set classify.augment.mixup_alpha and cutmix_alpha to 0"
-                )
-            if recipe.few_shot_fine_tune and not recipe.few_shot:
-                raise ValueError(f"adapt.methods.{name}.few_shot_fine_tune needs few_shot: it fine-tunes on the slice")
-            if recipe.few_shot_fine_tune and recipe.self_training is not None:
-                raise ValueError(
-                    f"adapt.methods.{name}: few_shot_fine_tune and self_training: the self-training round trains "
-                    "from scratch and would drop the fine-tuning; choose one"
-                )
-            if recipe.few_shot_fine_tune and self.classify.head == "knn":
-                raise ValueError(
-                    f"adapt.methods.{name}.few_shot_fine_tune: a kNN head has no weights to fine-tune; "
-                    "set classify.head to finetune or linear_probe"
-                )
-            if recipe.few_shot_fine_tune and (self.classify.augment.mixup_alpha or self.classify.augment.cutmix_alpha):
-                raise ValueError(
-                    f"adapt.methods.{name}.few_shot_fine_tune: mixup and cutmix blend the source cells taught the "
-                    "first model's probabilities with slice cells taught their labels; set classify.augment."
-                    "mixup_alpha and cutmix_alpha to 0"
                 )
             if recipe.translate is not Translation.cyclegan and recipe.translate not in self.translate.methods:
                 raise ValueError(f"adapt.methods.{name}.translate={recipe.translate.value} is not in translate.methods")

@@ -27,7 +27,6 @@ __all__ = [
     "choose_method",
     "confident_pseudo_labels",
     "deployed_method",
-    "distilled_loss",
     "forward_per_domain",
     "information_maximization",
 ]
@@ -91,26 +90,6 @@ def forward_per_domain(model: nn.Module, images: torch.Tensor, from_target: torc
             out = part.new_empty((len(images), *part.shape[1:]))
         out[rows] = part
     return out
-
-
-def distilled_loss(
-    outputs: torch.Tensor,
-    labels: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    from_target: torch.Tensor,
-    criterion: nn.Module,
-) -> torch.Tensor:
-    """The fine-tuning loss of a batch that mixes source cells and labelled target cells
-    (``from_target``, bool per row): the target cells against their labels (``criterion``, a mean),
-    the source cells against the probabilities of the model fine-tuning started from (the teacher),
-    each part weighted by its share of the batch. Learning without Forgetting (Li and Hoiem 2016):
-    the source keeps what the teacher predicted for it, errors included, where its labels would let
-    the network trade one source cell for another; the target learns from its labels alone."""
-    source = -(teacher_logits[~from_target].softmax(1) * outputs[~from_target].log_softmax(1)).sum(1)
-    if not from_target.any():
-        return source.mean()
-    target = criterion(outputs[from_target], labels[from_target])
-    return (source.sum() + target * from_target.sum()) / len(outputs)
 
 
 def confident_pseudo_labels(

@@ -36,7 +36,6 @@ from hemaflow.classify.adapt import (
     adapt_batch_norm,
     average_thresholded_confidence,
     confident_pseudo_labels,
-    distilled_loss,
     forward_per_domain,
     information_maximization,
 )
@@ -83,24 +82,15 @@ def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def _fit_fold(
-    job: _Job,
-    fold: int,
-    train: pd.DataFrame,
-    val: pd.DataFrame,
-    state: TrainingState,
-    teacher: nn.Module | None = None,
+    job: _Job, fold: int, train: pd.DataFrame, val: pd.DataFrame, state: TrainingState
 ) -> tuple[nn.Module, ModelCard, list[dict], float | None]:
-    """Train one fold on ``train`` (``path``, ``fine_class`` and ``role`` columns), resuming a matching
-    saved state; return model, card, history (validation on ``val``), images/s. With a ``teacher``:
-    start from its weights and teach the source cells its probabilities (``distilled_loss``)."""
+    """Train one fold on ``train`` (``path`` and ``fine_class`` columns), resuming a matching saved
+    state; return model, card, history (validation on ``val``), images/s."""
     model_params, params, seed, runtime, classes = job.model_params, job.params, job.seed, job.runtime, job.classes
     torch.manual_seed(seed + fold)
     index = {c: i for i, c in enumerate(classes)}
     model, card = create_classifier(model_params, len(classes), params.head, params.knn_k)
     card = replace(card, classes=classes)
-    if teacher is not None:
-        model.load_state_dict(teacher.state_dict())
-        teacher.eval()
     cuda = runtime.device.type == "cuda"
     model.to(
         runtime.device, memory_format=torch.channels_last if cuda and params.channels_last else torch.preserve_format
@@ -202,17 +192,14 @@ def _fit_fold(
             if cuda and params.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             labels = labels.to(runtime.device, non_blocking=True)
-            slice_rows = torch.from_numpy(from_slice[rows.numpy()]).to(runtime.device)
             if mixup is not None:
                 images, labels = mixup(images, labels)
             with autocast(runtime.device, params.precision):
-                outputs = forward_per_domain(network, images, slice_rows) if per_domain else network(images)
-                if teacher is None:
-                    loss = criterion(outputs.float(), labels)
+                if per_domain:
+                    outputs = forward_per_domain(network, images, torch.from_numpy(from_slice[rows.numpy()]))
                 else:
-                    with torch.no_grad():
-                        taught = teacher(images).float()
-                    loss = distilled_loss(outputs.float(), labels, taught, slice_rows, criterion)
+                    outputs = network(images)
+                loss = criterion(outputs.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -336,7 +323,7 @@ def train_classifier(
         _report(classes, first, spread, model_params, recipe, out, metrics, plots)
         for seed in seeds:
             for fold in range(params.folds):
-                for round_ in ("", ".fine_tune", ".self_training"):
+                for round_ in ("", ".self_training"):
                     TrainingState(state / f"seed{seed}" / f"fold{fold}{round_}.state.pt", "").clear()
     runtime.barrier()
 
@@ -398,7 +385,8 @@ def _train_folds(
         train, val = source[source["fold"] != fold], source[source["fold"] == fold]
         if val.empty:
             raise HemaflowError(f"classify: fold {fold} has no labelled source cells; lower classify.folds")
-        with_slice = pd.concat([train, few_shot[slice_fold != fold]]) if recipe.few_shot else train
+        if recipe.few_shot:
+            train = pd.concat([train, few_shot[slice_fold != fold]])
         key = fingerprint(
             job.model_params.model_dump(),
             params.model_dump(exclude={"num_workers", "device"}),
@@ -407,28 +395,9 @@ def _train_folds(
             fold,
             job.data_hash,
         )
-        first = train if recipe.few_shot_fine_tune else with_slice
         model, card, history, speed = _fit_fold(
-            job, fold, first, val, TrainingState(state / f"fold{fold}.state.pt", key)
+            job, fold, train, val, TrainingState(state / f"fold{fold}.state.pt", key)
         )
-        if recipe.few_shot_fine_tune:  # the source model first (none's, exactly), then the slice joins
-            # the first training's schedule over the fine-tuning's epochs, its warm-up at most half of them
-            tuning = params.model_copy(
-                update={
-                    "epochs": recipe.few_shot_fine_tune,
-                    "warmup_epochs": min(params.warmup_epochs, recipe.few_shot_fine_tune / 2),
-                    "freeze_epochs": 0,
-                }
-            )
-            model, card, tuned, speed = _fit_fold(
-                replace(job, params=tuning),
-                fold,
-                with_slice,
-                val,
-                TrainingState(state / f"fold{fold}.fine_tune.state.pt", key),
-                teacher=model,
-            )
-            history += [row | {"epoch": len(history) + row["epoch"]} for row in tuned]
         if recipe.self_training is not None:  # a second round with the confident target cells, labelled as predicted
             first_round = _probabilities(job, model, card, list(job.target["path"]), 1.0)
             rows, labels = confident_pseudo_labels(first_round, classes, recipe.self_training)
@@ -437,7 +406,7 @@ def _train_folds(
             model, card, history, speed = _fit_fold(
                 job,
                 fold,
-                pd.concat([with_slice, pseudo]),
+                pd.concat([train, pseudo]),
                 val,
                 TrainingState(state / f"fold{fold}.self_training.state.pt", fingerprint(key, list(rows), labels)),
             )
