@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -251,34 +252,45 @@ def test_information_never_deploys_a_method_that_costs_the_labelled_source():
     assert choose_method(labelled, harms_source=["cyclegan"])[0] == "cyclegan"
 
 
+def _prepared_with(tiny_models, cells: pd.DataFrame, folder: Path) -> Path:
+    """A prepared folder holding the tiny models' crops and ``cells`` as its table."""
+    folder.mkdir()
+    (folder / "crops").symlink_to(tiny_models.prepared / "crops")
+    cells.to_csv(folder / "cells.csv", index=False)
+    return folder
+
+
+def _train_tiny(tiny_models, prepared: Path, folder: Path, method: Recipe, **classify) -> dict:
+    """Train the tiny classifier's folds on ``prepared`` with ``method`` into ``folder``; its metrics."""
+    p = load(yaml.safe_load(tiny_models.params_file.read_text()))
+    train_classifier(
+        model_params=p.model,
+        params=p.classify.model_copy(update=classify),
+        recipe=method,
+        seeds=p.base.seeds,
+        cells=tiny_models.cells,
+        prepared=prepared,
+        out=folder / "models",
+        metrics=folder / "metrics.json",
+        plots=folder / "plots",
+        state=folder / "state",
+    )
+    return json.loads((folder / "metrics.json").read_text())
+
+
 @pytest.mark.slow
 def test_the_scores_that_choose_a_method_never_read_a_test_label(tiny_models, tmp_path):
     """Relabel every test cell: the selection scores, and so the choice, stay exactly the same."""
-    p = load(yaml.safe_load(tiny_models.params_file.read_text()))
     cells = pd.read_csv(tiny_models.prepared / "cells.csv", keep_default_na=False)
     assert (cells["role"] == "test").any() and (cells["role"] == "target").any()
-    relabelled = tmp_path / "relabelled"
-    relabelled.mkdir()
-    (relabelled / "crops").symlink_to(tiny_models.prepared / "crops")
     test = cells["role"] == "test"
     cells.loc[test, "fine_class"] = np.roll(cells.loc[test, "fine_class"].to_numpy(), 1)
-    cells.to_csv(relabelled / "cells.csv", index=False)
-    selections = []
-    for prepared in (tiny_models.prepared, relabelled):
-        metrics = tmp_path / prepared.name / "metrics.json"
-        train_classifier(
-            model_params=p.model,
-            params=p.classify.model_copy(update={"epochs": 1}),
-            recipe=Recipe(**recipe(adabn=True)),
-            seeds=p.base.seeds,
-            cells=tiny_models.cells,
-            prepared=prepared,
-            out=tmp_path / prepared.name / "models",
-            metrics=metrics,
-            plots=tmp_path / prepared.name / "plots",
-            state=tmp_path / prepared.name / "state",
-        )
-        selections.append(json.loads(metrics.read_text())["selection"])
+    relabelled = _prepared_with(tiny_models, cells, tmp_path / "relabelled")
+    method = Recipe(**recipe(adabn=True))
+    selections = [
+        _train_tiny(tiny_models, prepared, tmp_path / prepared.name, method, epochs=1)["selection"]
+        for prepared in (tiny_models.prepared, relabelled)
+    ]
     assert selections[0] == selections[1] and selections[0]["target_information"] is not None
 
 
@@ -286,32 +298,18 @@ def test_the_scores_that_choose_a_method_never_read_a_test_label(tiny_models, tm
 def test_domain_batch_norm_reaches_the_training_of_a_labelled_target_slice(tiny_models, tmp_path):
     """Every other test cell made a labelled slice: with domain_batch_norm the fold models learn
     other weights than with one shared batch norm, and every slice cell is still scored out of fold."""
-    p = load(yaml.safe_load(tiny_models.params_file.read_text()))
     cells = pd.read_csv(tiny_models.prepared / "cells.csv", keep_default_na=False)
     test = cells.index[cells["role"] == "test"]
     cells.loc[test[::2], "role"] = "target_labelled"
     assert (cells["role"] == "target_labelled").sum() >= 4
-    prepared = tmp_path / "prepared"
-    prepared.mkdir()
-    (prepared / "crops").symlink_to(tiny_models.prepared / "crops")
-    cells.to_csv(prepared / "cells.csv", index=False)
+    prepared = _prepared_with(tiny_models, cells, tmp_path / "prepared")
     weights, scored = {}, {}
     for own in (False, True):
         out = tmp_path / f"own{own}"
-        train_classifier(
-            model_params=p.model,
-            params=p.classify.model_copy(update={"epochs": 1, "folds": 2}),
-            recipe=Recipe(**recipe(adabn=True, few_shot=True), domain_batch_norm=own),
-            seeds=p.base.seeds,
-            cells=tiny_models.cells,
-            prepared=prepared,
-            out=out / "models",
-            metrics=out / "metrics.json",
-            plots=out / "plots",
-            state=out / "state",
-        )
+        method = Recipe(**recipe(adabn=True, few_shot=True), domain_batch_norm=own)
+        metrics = _train_tiny(tiny_models, prepared, out, method, epochs=1, folds=2)
         weights[own] = file_digest(out / "models" / "fold0.safetensors")
-        scored[own] = json.loads((out / "metrics.json").read_text())["selection"]["target_labelled_cells"]
+        scored[own] = metrics["selection"]["target_labelled_cells"]
     assert weights[True] != weights[False]  # the option changed how the slice's batches trained
     assert scored[True] == scored[False] == (cells["role"] == "target_labelled").sum()
 
