@@ -10,19 +10,24 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import load, recipe
 from hemaflow.classify.adapt import (
+    DomainHeads,
     adapt_batch_norm,
     average_thresholded_confidence,
     choose_method,
     confident_pseudo_labels,
+    domain_heads_loss,
     forward_per_domain,
     information_maximization,
 )
 from hemaflow.classify.data import CellDataset, EpochSampler, build_transform, with_slice_share
+from hemaflow.classify.inference import fold_logits, load_ensemble
+from hemaflow.classify.model import load_classifier
 from hemaflow.classify.train import train_classifier
 from hemaflow.params import Recipe
 from hemaflow.resume import file_digest
@@ -100,7 +105,8 @@ def _train_on_draws(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, share: float, epochs: int, lr: float, per_domain=False
 ) -> None:
     """Train on 512 source cells followed by a labelled target slice, the slice drawn at ``share`` of
-    each epoch, in batches of 32; ``per_domain``: domain-specific batch norm."""
+    each epoch, in batches of 32; ``per_domain``: domain-specific batch norm; a ``DomainHeads`` model
+    trains with its own loss."""
     from_target = torch.arange(len(labels)) >= 512
     sampler = EpochSampler(len(labels), 0, with_slice_share(None, labels.tolist(), from_target.numpy(), share))
     optimizer = torch.optim.Adam(model.parameters(), lr)
@@ -114,7 +120,10 @@ def _train_on_draws(
                 forward_per_domain(model, images[batch], from_target[batch]) if per_domain else model(images[batch])
             )
             optimizer.zero_grad()
-            nn.functional.cross_entropy(outputs, labels[batch]).backward()
+            if isinstance(model, DomainHeads):
+                domain_heads_loss(outputs, labels[batch], from_target[batch], nn.CrossEntropyLoss()).backward()
+            else:
+                nn.functional.cross_entropy(outputs, labels[batch]).backward()
             optimizer.step()
 
 
@@ -179,6 +188,74 @@ def test_a_slice_trained_with_its_own_batch_norm_is_deployed_as_trained_where_a_
     own_target, own_source = _slice_trained_spot_accuracies(per_domain=True)
     assert shared_target < 0.75  # trained under mixed statistics, deployed under the target's own
     assert own_target > 0.95 and own_source > 0.95 and shared_source > 0.95
+
+
+class _TwoLayers(nn.Module):
+    """A two-layer network with the three calls DomainHeads makes of a timm classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features, self.head = nn.Sequential(nn.Linear(64, 32), nn.ReLU()), nn.Linear(32, 2)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return features if pre_logits else self.head(features)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+
+def _slice_pulled_accuracies(heads: bool) -> tuple[float, float]:
+    """(target, source) accuracy of a network trained on 512 source cells (class 1: a bright centre)
+    and a 16-cell labelled slice of a lab whose class 1 looks like the source's class 0 (a centre
+    0.05 brighter; its class 0: 0.3 darker), drawn at half of each epoch; the source scored by the
+    source head where there are ``heads``."""
+    source_images, source_labels = _centre_images(512, 0, 0.4)
+    slice_images, slice_labels = _look_alike_slice(16, 1)
+    images, labels = torch.cat([source_images, slice_images]), torch.cat([source_labels, slice_labels])
+    torch.manual_seed(0)
+    model = DomainHeads(_TwoLayers()) if heads else _TwoLayers()
+    _train_on_draws(model, images, labels, 0.5, epochs=15, lr=0.01)
+    deployed = model.model if heads else model
+    source_model = model.source_model() if heads else model
+    return _accuracy(deployed, *_look_alike_slice(400, 2)), _accuracy(source_model, *_centre_images(400, 3, 0.4))
+
+
+def _look_alike_slice(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = _centre_images(count, seed, 0.35)
+    images.view(count, 8, 8)[:, 3:5, 3:5] -= 0.3
+    return images, labels
+
+
+def test_domain_heads_keep_the_source_that_a_slice_of_look_alike_classes_costs_one_shared_head():
+    shared_target, shared_source = _slice_pulled_accuracies(heads=False)
+    own_target, own_source = _slice_pulled_accuracies(heads=True)
+    assert shared_source < 0.97  # the slice's labels pull source cells of the look-alike class (0.9525)
+    assert own_source == 1.0  # the source head never learns the slice's labels
+    assert own_target > shared_target - 0.02  # and the deployed head learns the slice as a shared one does
+
+
+def test_domain_heads_loss_teaches_the_source_head_the_source_cells_only():
+    torch.manual_seed(0)
+    model = DomainHeads(_TwoLayers())
+    images, labels = _centre_images(8, 0, 0.4)
+    from_target = torch.arange(8) >= 6
+    outputs = model(images)
+    assert outputs.shape == (8, 4)
+    torch.testing.assert_close(outputs[:, :2], model.model(images))  # the own head: the classifier as it is
+    domain_heads_loss(outputs, labels, from_target, nn.CrossEntropyLoss()).backward()
+    # the slice's cells reach the source head through no path: its gradient is the source cells' alone
+    source_only = torch.autograd.grad(
+        nn.functional.cross_entropy(model(images[:6])[:, 2:], labels[:6]), model.source_head.weight
+    )[0]
+    torch.testing.assert_close(model.source_head.weight.grad, source_only)
+    # the source model answers as the source head does
+    torch.testing.assert_close(model.source_model()(images), model(images)[:, 2:])
 
 
 def test_the_fda_recipe_moves_source_cells_toward_the_target_colours():
@@ -312,6 +389,35 @@ def test_domain_batch_norm_reaches_the_training_of_a_labelled_target_slice(tiny_
         scored[own] = metrics["selection"]["target_labelled_cells"]
     assert weights[True] != weights[False]  # the option changed how the slice's batches trained
     assert scored[True] == scored[False] == (cells["role"] == "target_labelled").sum()
+
+
+@pytest.mark.slow
+def test_domain_heads_score_the_source_out_of_fold_by_the_saved_source_models(tiny_models, tmp_path):
+    """With domain_heads the out-of-fold source calls are those of the source lab's saved fold models,
+    the deployed fold models are others, and the metrics say what these would cost the source."""
+    cells = pd.read_csv(tiny_models.prepared / "cells.csv", keep_default_na=False)
+    test = cells.index[cells["role"] == "test"]
+    cells.loc[test[::2], "role"] = "target_labelled"
+    cells.loc[test[::2], "fold"] = np.arange(len(test[::2])) % 2  # each fold model trains on slice cells
+    prepared = _prepared_with(tiny_models, cells, tmp_path / "prepared")
+    method = Recipe(**recipe(adabn=True, few_shot=True), domain_heads=True)
+    metrics = _train_tiny(tiny_models, prepared, tmp_path, method, epochs=1, folds=2)
+    models = tmp_path / "models"
+    oof = pd.read_csv(models / "oof.csv", keep_default_na=False)
+    translated = pd.read_csv(tiny_models.cells / "cells.csv", keep_default_na=False)  # what trained
+    crops = dict(zip(translated["cell_id"], translated["crop"], strict=True))
+    tta = load(yaml.safe_load(tiny_models.params_file.read_text())).classify.tta
+    for fold in (0, 1):
+        held_out = oof[oof["fold"] == fold]
+        source_model = load_classifier(models / "source" / f"fold{fold}")
+        paths = [tiny_models.cells / crops[c] for c in held_out["cell_id"]]
+        logits = fold_logits([source_model], paths, tta, torch.device("cpu"))
+        assert [source_model[1].classes[i] for i in logits[0].argmax(1)] == list(held_out["predicted"])
+        deployed = load_file(models / f"fold{fold}.safetensors")
+        source_weights = load_file(models / "source" / f"fold{fold}.safetensors")
+        assert not torch.equal(deployed["fc.weight"], source_weights["fc.weight"])
+    assert 0 <= metrics["adaptation"]["deployed_model_oof_macro_f1"] <= 1
+    assert len(load_ensemble(models)) == 2  # the source models do not join the deployed ensemble
 
 
 def test_atc_counts_target_cells_less_sure_than_every_source_cell_as_errors_even_at_full_source_accuracy():

@@ -70,6 +70,16 @@ def test_cross_section_rules():
     data["classify"]["augment"]["mixup_alpha"] = 0.2
     with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.domain_batch_norm: mixup and cutmix blend"):
         parse_params(data)
+    data["adapt"]["methods"]["few"] |= {"domain_batch_norm": False, "domain_heads": True}
+    with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.domain_heads: mixup and cutmix blend"):
+        parse_params(data)
+    data["classify"]["augment"]["mixup_alpha"] = 0.0
+    data["classify"]["head"] = "knn"
+    with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.domain_heads needs a trained head"):
+        parse_params(data)
+    data["adapt"]["methods"]["few"]["few_shot"] = False
+    with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.domain_heads needs few_shot"):
+        parse_params(data)
     data = params_data()
     data["prepare"]["datasets"][0]["detector_boxes"] = True  # the demo's first dataset is a source
     with pytest.raises(

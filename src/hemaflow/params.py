@@ -383,6 +383,11 @@ class Recipe(_Section):
     batch statistics and the source's by theirs, and only source cells move the running statistics
     (domain-specific batch norm); the target is then deployed as trained, with its own statistics.
     Off: one batch norm over the mixed batch. Needs one training process and no mixup or cutmix."""
+    domain_heads: bool = False
+    """With few_shot: a second classifier head learns the source cells alone and scores the source out
+    of fold (saved in the method's ``source/`` folder, the model for the source lab), while the head
+    that learns source and slice is deployed on the target. Off: one head for both, which the slice's
+    labels pull toward its classes on source cells. Needs a trained head (not knn) and no mixup or cutmix."""
 
     @field_validator("augment")
     @classmethod
@@ -595,11 +600,21 @@ class Params(_Section):
                     f"adapt.methods.{name}.domain_batch_norm needs few_shot and adabn: the slice is normalised by "
                     "target statistics in training, so the deployed model needs the target's (AdaBN)"
                 )
-            if recipe.domain_batch_norm and (self.classify.augment.mixup_alpha or self.classify.augment.cutmix_alpha):
+            if recipe.domain_heads and not recipe.few_shot:
                 raise ValueError(
-                    f"adapt.methods.{name}.domain_batch_norm: mixup and cutmix blend source and target cells; "
-                    "set classify.augment.mixup_alpha and cutmix_alpha to 0"
+                    f"adapt.methods.{name}.domain_heads needs few_shot: the source head is the one without the slice"
                 )
+            if recipe.domain_heads and self.classify.head == "knn":
+                raise ValueError(
+                    f"adapt.methods.{name}.domain_heads needs a trained head: set classify.head to finetune or linear_probe"
+                )
+            mixing = self.classify.augment.mixup_alpha or self.classify.augment.cutmix_alpha
+            for option in ("domain_batch_norm", "domain_heads"):
+                if getattr(recipe, option) and mixing:
+                    raise ValueError(
+                        f"adapt.methods.{name}.{option}: mixup and cutmix blend source and target cells; "
+                        "set classify.augment.mixup_alpha and cutmix_alpha to 0"
+                    )
             if recipe.translate is not Translation.cyclegan and recipe.translate not in self.translate.methods:
                 raise ValueError(f"adapt.methods.{name}.translate={recipe.translate.value} is not in translate.methods")
             if recipe.translate is Translation.cyclegan and not self.translate.cyclegan.train:

@@ -1,6 +1,6 @@
 """Unsupervised adaptation around a trained classifier: AdaBN, confident pseudo-labels, scores of
-a model on the unlabelled target (estimated accuracy, information), and the choice of a method
-from such scores.
+a model on the unlabelled target (estimated accuracy, information), the training of a labelled
+target slice (domain-specific batch norm, domain heads), and the choice of a method from such scores.
 
 Pure functions of arrays and models (``train_classifier`` and ``compare`` call them), and the
 reading of the choice for ``hemaflow predict``.
@@ -8,6 +8,7 @@ reading of the choice for ``hemaflow predict``.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -22,11 +23,13 @@ from torch.utils.data import DataLoader
 from hemaflow.errors import HemaflowError
 
 __all__ = [
+    "DomainHeads",
     "adapt_batch_norm",
     "average_thresholded_confidence",
     "choose_method",
     "confident_pseudo_labels",
     "deployed_method",
+    "domain_heads_loss",
     "forward_per_domain",
     "information_maximization",
 ]
@@ -90,6 +93,42 @@ def forward_per_domain(model: nn.Module, images: torch.Tensor, from_target: torc
             out = part.new_empty((len(images), *part.shape[1:]))
         out[rows] = part
     return out
+
+
+class DomainHeads(nn.Module):
+    """A timm classifier with a second classifier head that learns the source cells alone, for training
+    on source cells and a labelled target slice. The classifier's own head learns both and is the one
+    deployed on the target; the source head scores the source and serves it (``source_model``). With
+    one shared head the slice's labels pull held-out source cells toward the slice's classes (README:
+    few-shot's source cost). ``forward`` gives both heads' logits side by side (N x 2 classes), so
+    that DistributedDataParallel and ``forward_per_domain`` see one network with one output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.source_head = copy.deepcopy(model.get_classifier())  # the same start as the own head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+        return torch.cat([self.model.get_classifier()(features), self.source_head(features)], 1)
+
+    def source_model(self) -> nn.Module:
+        """A copy of the classifier with the source head in place of its own."""
+        model = copy.deepcopy(self.model)
+        model.get_classifier().load_state_dict(self.source_head.state_dict())
+        return model
+
+
+def domain_heads_loss(
+    outputs: torch.Tensor, labels: torch.Tensor, from_target: torch.Tensor, criterion: nn.Module
+) -> torch.Tensor:
+    """``DomainHeads``' training loss: the own head's on every cell plus the source head's on the
+    source cells alone (``from_target``: bool per row)."""
+    own, source = outputs.chunk(2, 1)
+    loss = criterion(own, labels)
+    if (~from_target).any():
+        loss = loss + criterion(source[~from_target], labels[~from_target])
+    return loss
 
 
 def confident_pseudo_labels(

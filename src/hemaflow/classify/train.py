@@ -33,9 +33,11 @@ from tqdm import tqdm
 
 from hemaflow._io import write_csv, write_json
 from hemaflow.classify.adapt import (
+    DomainHeads,
     adapt_batch_norm,
     average_thresholded_confidence,
     confident_pseudo_labels,
+    domain_heads_loss,
     forward_per_domain,
     information_maximization,
 )
@@ -83,9 +85,10 @@ def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 def _fit_fold(
     job: _Job, fold: int, train: pd.DataFrame, val: pd.DataFrame, state: TrainingState
-) -> tuple[nn.Module, ModelCard, list[dict], float | None]:
-    """Train one fold on ``train`` (``path`` and ``fine_class`` columns), resuming a matching saved
-    state; return model, card, history (validation on ``val``), images/s."""
+) -> tuple[nn.Module, nn.Module, ModelCard, list[dict], float | None]:
+    """Train one fold on ``train`` (``path``, ``fine_class`` and ``role`` columns), resuming a matching
+    saved state; return the model, the model that scores the source (the same one unless the recipe
+    has domain heads), card, history (validation on ``val``), images/s."""
     model_params, params, seed, runtime, classes = job.model_params, job.params, job.seed, job.runtime, job.classes
     torch.manual_seed(seed + fold)
     index = {c: i for i, c in enumerate(classes)}
@@ -98,7 +101,8 @@ def _fit_fold(
     train_labels = [index[c] for c in train["fine_class"]]
     plain = build_transform(card.img_size, card.mean, card.std, None)
     if params.head == "knn":
-        return (*_fit_knn(job, model, card, CellDataset(list(train["path"]), train_labels, plain)), [], None)
+        model, card = _fit_knn(job, model, card, CellDataset(list(train["path"]), train_labels, plain))
+        return model, model, card, [], None
     augment = build_transform(card.img_size, card.mean, card.std, params.augment, job.recipe.augment)
     # each batch also says which rows it holds: the slice's cells among them
     train_set = Indexed(CellDataset(list(train["path"]), train_labels, augment, job.references))
@@ -109,6 +113,8 @@ def _fit_fold(
     if from_slice.any():
         sample_weights = with_slice_share(sample_weights, train_labels, from_slice, job.recipe.few_shot_share)
     per_domain = job.recipe.domain_batch_norm and from_slice.any()
+    heads = DomainHeads(model) if job.recipe.domain_heads and from_slice.any() else None
+    trained = heads or model  # what the loop runs, saves and resumes
     if per_domain and runtime.world_size > 1:
         raise HemaflowError(
             "classify: domain_batch_norm runs two forward passes per step, which DistributedDataParallel "
@@ -132,6 +138,8 @@ def _fit_fold(
     optimizer = create_optimizer_v2(
         model, "adamw", lr=params.lr, weight_decay=params.weight_decay, layer_decay=params.layer_decay
     )
+    if heads is not None:  # before the scheduler, which records every group's starting rate
+        optimizer.add_param_group({"params": list(heads.source_head.parameters())})
     scheduler = CosineLRScheduler(
         optimizer,
         t_initial=params.epochs * steps_per_epoch,
@@ -162,7 +170,7 @@ def _fit_fold(
     start, history = 0, []
     saved = state.load(runtime.device)
     if saved is not None:
-        model.load_state_dict(saved["model"])
+        trained.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         start, history = saved["epoch"], saved["history"]
         if runtime.main and start < params.epochs:
@@ -174,7 +182,7 @@ def _fit_fold(
         if wanted != frozen:  # DDP registers only parameters that need gradients: wrap again on a change
             frozen = wanted
             _freeze_backbone(model, frozen)
-            network = DistributedDataParallel(model) if runtime.world_size > 1 else model
+            network = DistributedDataParallel(trained) if runtime.world_size > 1 else trained
         sampler.set_epoch(epoch)
         augment.set_random_seed(seed * 1_000 + fold * 100 + epoch)
         np.random.seed(seed * 1_000 + fold * 100 + epoch)  # timm's Mixup draws from numpy's global RNG
@@ -192,14 +200,15 @@ def _fit_fold(
             if cuda and params.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             labels = labels.to(runtime.device, non_blocking=True)
+            slice_rows = torch.from_numpy(from_slice[rows.numpy()]).to(runtime.device)
             if mixup is not None:
                 images, labels = mixup(images, labels)
             with autocast(runtime.device, params.precision):
-                if per_domain:
-                    outputs = forward_per_domain(network, images, torch.from_numpy(from_slice[rows.numpy()]))
+                outputs = forward_per_domain(network, images, slice_rows) if per_domain else network(images)
+                if heads is None:
+                    loss = criterion(outputs.float(), labels)
                 else:
-                    outputs = network(images)
-                loss = criterion(outputs.float(), labels)
+                    loss = domain_heads_loss(outputs.float(), labels, slice_rows, criterion)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -209,7 +218,8 @@ def _fit_fold(
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
         seconds += time.perf_counter() - tick
         seen += len(losses) * per_process_batch * runtime.world_size
-        logits = predict_logits(model, val_loader, runtime.device)
+        scorer = model if heads is None else heads.source_model()
+        logits = predict_logits(scorer, val_loader, runtime.device)
         predicted = [classes[i] for i in logits.argmax(1)]
         scores = classification_metrics(list(val["fine_class"]), predicted)
         truth = torch.tensor([index[c] for c in val["fine_class"]])
@@ -231,12 +241,13 @@ def _fit_fold(
                 {
                     "epoch": epoch + 1,
                     "history": history,
-                    "model": model.state_dict(),
+                    "model": trained.state_dict(),
                     "optimizer": optimizer.state_dict(),
                 }
             )
         runtime.barrier()
-    return model, card, history, (seen / seconds if seconds else None)
+    scorer = model if heads is None else heads.source_model()
+    return model, scorer, card, history, (seen / seconds if seconds else None)
 
 
 def _freeze_backbone(model: nn.Module, frozen: bool) -> None:
@@ -307,7 +318,7 @@ def train_classifier(
     data_hash = fingerprint(file_digest(cells / "cells.csv"), file_digest(prepared / "cells.csv"))
     out.mkdir(parents=True, exist_ok=True)
     if runtime.main:
-        _remove_stale_models(out, params.folds, seeds)
+        _remove_stale_models(out, params.folds, seeds, recipe.domain_heads)
     runs = {}
     for seed in seeds:
         references = _references(target, params, model_params.img_size, seed) if "fda" in recipe.augment else []
@@ -342,13 +353,15 @@ def _references(target: pd.DataFrame, params: ClassifyParams, img_size: int, see
     ]
 
 
-def _remove_stale_models(out: Path, folds: int, seeds: list[int]) -> None:
-    """Fold models of folds or seeds no longer asked for must not join an ensemble or the spread."""
+def _remove_stale_models(out: Path, folds: int, seeds: list[int], domain_heads: bool) -> None:
+    """Fold models of folds, seeds or source heads no longer asked for must not join an ensemble or the spread."""
     for folder in [out, *(out / "seeds").glob("seed*")]:
         if folder != out and folder not in {seed_folder(out, s, seeds) for s in seeds}:
             shutil.rmtree(folder)
             continue
-        for stale in folder.glob("fold*"):
+        if not domain_heads and (folder / "source").exists():
+            shutil.rmtree(folder / "source")
+        for stale in [*folder.glob("fold*"), *(folder / "source").glob("fold*")]:
             if int(stale.name[4:].split(".")[0]) >= folds:
                 stale.unlink()
 
@@ -359,6 +372,7 @@ class _Run:
 
     oof: pd.DataFrame | None = None  # source cells, each predicted by the fold model that held it out
     few_shot: pd.DataFrame | None = None  # the labelled target slice, likewise
+    deployed_calls: list[str] = field(default_factory=list)  # the oof cells as the deployed fold models call them
     fold_scores: dict = field(default_factory=dict)
     speeds: list[float] = field(default_factory=list)
     target_probabilities: list[np.ndarray] = field(default_factory=list)  # per fold, calibrated
@@ -395,7 +409,7 @@ def _train_folds(
             fold,
             job.data_hash,
         )
-        model, card, history, speed = _fit_fold(
+        model, source_model, card, history, speed = _fit_fold(
             job, fold, train, val, TrainingState(state / f"fold{fold}.state.pt", key)
         )
         if recipe.self_training is not None:  # a second round with the confident target cells, labelled as predicted
@@ -403,7 +417,7 @@ def _train_folds(
             rows, labels = confident_pseudo_labels(first_round, classes, recipe.self_training)
             run.pseudo_labels[str(fold)] = len(rows)
             pseudo = job.target.iloc[rows].assign(fine_class=labels)
-            model, card, history, speed = _fit_fold(
+            model, source_model, card, history, speed = _fit_fold(
                 job,
                 fold,
                 pd.concat([train, pseudo]),
@@ -414,12 +428,24 @@ def _train_folds(
             run.speeds.append(speed)
         if not runtime.main:
             continue
-        logits = _logits(job, model, card, list(val["path"]))
-        temperature = fit_temperature(logits, np.array([classes.index(c) for c in val["fine_class"]]))
+        truth = np.array([classes.index(c) for c in val["fine_class"]])
+        logits = _logits(job, source_model, card, list(val["path"]))
+        temperature = fit_temperature(logits, truth)
         predicted = [classes[i] for i in logits.argmax(1)]
         run.fold_scores[str(fold)] = classification_metrics(list(val["fine_class"]), predicted)
         raw, calibrated = _softmax(logits), _softmax(logits, temperature)
         oof_parts.append(val.assign(predicted=predicted, confidence_raw=raw.max(1), confidence=calibrated.max(1)))
+        extra = _card_extra(job, fold, run.fold_scores[str(fold)], history)
+        deployed_calls = predicted
+        if recipe.domain_heads:  # the source lab's models; the target's is calibrated on its own calls
+            stem = out / "source" / f"fold{fold}"
+            save_classifier(source_model.cpu(), replace(card, temperature=temperature, extra=extra), stem)
+            source_model.to(runtime.device)
+            if source_model is not model:  # a fold whose training drew no slice cell has one model
+                logits = _logits(job, model, card, list(val["path"]))
+                temperature = fit_temperature(logits, truth)
+                deployed_calls = [classes[i] for i in logits.argmax(1)]
+        run.deployed_calls += deployed_calls
         if recipe.adabn:  # the saved model is the one deployed on the target: its statistics
             plain = build_transform(card.img_size, card.mean, card.std, None)
             target_set = CellDataset(list(job.target["path"]), [0] * len(job.target), plain)
@@ -428,26 +454,26 @@ def _train_folds(
         held_out = few_shot[slice_fold == fold]
         slice_probabilities = _probabilities(job, model, card, list(held_out["path"]), temperature)
         few_shot_parts.append(held_out.assign(predicted=[classes[i] for i in slice_probabilities.argmax(1)]))
-        card = replace(
-            card,
-            temperature=temperature,
-            extra={
-                "fold": fold,
-                "seed": job.seed,
-                "val": run.fold_scores[str(fold)],
-                "history": history,
-                "model_params": job.model_params.model_dump(),
-                "classify_params": params.model_dump(mode="json"),
-                "recipe": recipe.model_dump(mode="json"),
-            },
-        )
-        save_classifier(model.cpu(), card, out / f"fold{fold}")
+        save_classifier(model.cpu(), replace(card, temperature=temperature, extra=extra), out / f"fold{fold}")
         model.to(runtime.device)
         if curves is not None and history:  # a kNN head has no training curve
             write_csv(curves / f"fold{fold}.csv", pd.DataFrame(history))
     if oof_parts:
         run.oof, run.few_shot = pd.concat(oof_parts), pd.concat(few_shot_parts)
     return run
+
+
+def _card_extra(job: _Job, fold: int, val: dict, history: list[dict]) -> dict:
+    """What a saved fold model's card records of its training."""
+    return {
+        "fold": fold,
+        "seed": job.seed,
+        "val": val,
+        "history": history,
+        "model_params": job.model_params.model_dump(),
+        "classify_params": job.params.model_dump(mode="json"),
+        "recipe": job.recipe.model_dump(mode="json"),
+    }
 
 
 def _logits(job: _Job, model: nn.Module, card: ModelCard, paths: list[Path]) -> np.ndarray:
@@ -511,6 +537,12 @@ def _report(
                 "target_cells": 0 if target_confidence is None else len(target_confidence),
                 "adabn_layers": run.adapted_layers,
                 "self_training_cells": run.pseudo_labels,
+                # domain heads: what the model deployed on the target would cost the source out of fold
+                "deployed_model_oof_macro_f1": classification_metrics(list(oof["fine_class"]), run.deployed_calls)[
+                    "macro_f1"
+                ]
+                if recipe.domain_heads
+                else None,
             },
             # how compare chooses a method without test labels (never read here: no test cell is loaded)
             "selection": {
