@@ -218,8 +218,8 @@ def _fit_fold(
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
         seconds += time.perf_counter() - tick
         seen += len(losses) * per_process_batch * runtime.world_size
-        scorer = model if heads is None else heads.source_model()
-        logits = predict_logits(scorer, val_loader, runtime.device)
+        # the source head's logits are the last columns (all of them without domain heads): no copy per epoch
+        logits = predict_logits(trained, val_loader, runtime.device)[:, -len(classes) :]
         predicted = [classes[i] for i in logits.argmax(1)]
         scores = classification_metrics(list(val["fine_class"]), predicted)
         truth = torch.tensor([index[c] for c in val["fine_class"]])
@@ -246,8 +246,7 @@ def _fit_fold(
                 }
             )
         runtime.barrier()
-    scorer = model if heads is None else heads.source_model()
-    return model, scorer, card, history, (seen / seconds if seconds else None)
+    return model, model if heads is None else heads.source_model(), card, history, (seen / seconds if seconds else None)
 
 
 def _freeze_backbone(model: nn.Module, frozen: bool) -> None:
