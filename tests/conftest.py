@@ -8,6 +8,7 @@ runs everything. Real-data tests read ../shared/data and skip with the reason wh
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import subprocess
 import sys
@@ -138,10 +139,12 @@ def hemaflow_command(*args: str | Path, **options: object) -> list[str]:
     return [sys.executable, "-m", "hemaflow", *map(str, args), *flags]
 
 
-def detector_params(path: Path, base: Path, **detect: object) -> Path:
-    """``base`` params with ``detect`` keys overridden, written to ``path``."""
+def detector_params(path: Path, base: Path, seeds: list[int] | None = None, **detect: object) -> Path:
+    """``base`` params with ``detect`` keys (and ``base.seeds``) overridden, written to ``path``."""
     data = yaml.safe_load(base.read_text())
     data["detect"].update(detect)
+    if seeds is not None:
+        data["base"]["seeds"] = seeds
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -295,6 +298,29 @@ def tiny_models(tiny_prepared, tmp_path_factory, worker_id) -> TinyModels:
         root / "none",
         root / "classifier",
     )
+
+
+def train_tiny_classifier(tiny_models: TinyModels, folder: Path, **changes) -> dict:
+    """Train the tiny classifier's folds into ``folder``/models (metrics.json, plots and state beside it); its metrics.
+
+    ``changes`` may name ``prepared``, ``recipe``, ``seeds`` and ``model_params``; any other key updates the
+    classify params."""
+    from hemaflow.classify.train import train_classifier
+
+    p = load(yaml.safe_load(tiny_models.params_file.read_text()))
+    train_classifier(
+        model_params=changes.pop("model_params", p.model),
+        recipe=changes.pop("recipe", p.adapt.methods["none"]),
+        seeds=changes.pop("seeds", p.base.seeds),
+        prepared=changes.pop("prepared", tiny_models.prepared),
+        params=p.classify.model_copy(update=changes),
+        cells=tiny_models.cells,
+        out=folder / "models",
+        metrics=folder / "metrics.json",
+        plots=folder / "plots",
+        state=folder / "state",
+    )
+    return json.loads((folder / "metrics.json").read_text())
 
 
 def kill_when(command: list[str], ready: Callable[[], bool], timeout: float = 600) -> None:

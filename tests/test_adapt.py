@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import load, recipe
+from conftest import load, recipe, train_tiny_classifier
 from hemaflow.classify.adapt import (
     DomainHeads,
     adapt_batch_norm,
@@ -28,7 +27,6 @@ from hemaflow.classify.adapt import (
 from hemaflow.classify.data import CellDataset, EpochSampler, build_transform, with_slice_share
 from hemaflow.classify.inference import fold_logits, load_ensemble
 from hemaflow.classify.model import load_classifier
-from hemaflow.classify.train import train_classifier
 from hemaflow.params import Recipe
 from hemaflow.resume import file_digest
 
@@ -337,24 +335,6 @@ def _prepared_with(tiny_models, cells: pd.DataFrame, folder: Path) -> Path:
     return folder
 
 
-def _train_tiny(tiny_models, prepared: Path, folder: Path, method: Recipe, **classify) -> dict:
-    """Train the tiny classifier's folds on ``prepared`` with ``method`` into ``folder``; its metrics."""
-    p = load(yaml.safe_load(tiny_models.params_file.read_text()))
-    train_classifier(
-        model_params=p.model,
-        params=p.classify.model_copy(update=classify),
-        recipe=method,
-        seeds=p.base.seeds,
-        cells=tiny_models.cells,
-        prepared=prepared,
-        out=folder / "models",
-        metrics=folder / "metrics.json",
-        plots=folder / "plots",
-        state=folder / "state",
-    )
-    return json.loads((folder / "metrics.json").read_text())
-
-
 @pytest.mark.slow
 def test_the_scores_that_choose_a_method_never_read_a_test_label(tiny_models, tmp_path):
     """Relabel every test cell: the selection scores, and so the choice, stay exactly the same."""
@@ -365,7 +345,9 @@ def test_the_scores_that_choose_a_method_never_read_a_test_label(tiny_models, tm
     relabelled = _prepared_with(tiny_models, cells, tmp_path / "relabelled")
     method = Recipe(**recipe(adabn=True))
     selections = [
-        _train_tiny(tiny_models, prepared, tmp_path / prepared.name, method, epochs=1)["selection"]
+        train_tiny_classifier(tiny_models, tmp_path / prepared.name, prepared=prepared, recipe=method, epochs=1)[
+            "selection"
+        ]
         for prepared in (tiny_models.prepared, relabelled)
     ]
     assert selections[0] == selections[1] and selections[0]["target_information"] is not None
@@ -384,7 +366,7 @@ def test_domain_batch_norm_reaches_the_training_of_a_labelled_target_slice(tiny_
     for own in (False, True):
         out = tmp_path / f"own{own}"
         method = Recipe(**recipe(adabn=True, few_shot=True), domain_batch_norm=own)
-        metrics = _train_tiny(tiny_models, prepared, out, method, epochs=1, folds=2)
+        metrics = train_tiny_classifier(tiny_models, out, prepared=prepared, recipe=method, epochs=1, folds=2)
         weights[own] = file_digest(out / "models" / "fold0.safetensors")
         scored[own] = metrics["selection"]["target_labelled_cells"]
     assert weights[True] != weights[False]  # the option changed how the slice's batches trained
@@ -401,7 +383,7 @@ def test_domain_heads_score_the_source_out_of_fold_by_the_saved_source_models(ti
     cells.loc[test[::2], "fold"] = np.arange(len(test[::2])) % 2  # each fold model trains on slice cells
     prepared = _prepared_with(tiny_models, cells, tmp_path / "prepared")
     method = Recipe(**recipe(adabn=True, few_shot=True), domain_heads=True)
-    metrics = _train_tiny(tiny_models, prepared, tmp_path, method, epochs=1, folds=2)
+    metrics = train_tiny_classifier(tiny_models, tmp_path, prepared=prepared, recipe=method, epochs=1, folds=2)
     models = tmp_path / "models"
     oof = pd.read_csv(models / "oof.csv", keep_default_na=False)
     translated = pd.read_csv(tiny_models.cells / "cells.csv", keep_default_na=False)  # what trained

@@ -17,8 +17,8 @@ import yaml
 from safetensors.torch import load_file
 
 import hemaflow
-from conftest import hemaflow_command, kill_when, load, run, shared_dataset, write_params
-from hemaflow.classify.train import fit_temperature, train_classifier
+from conftest import hemaflow_command, kill_when, load, run, shared_dataset, train_tiny_classifier, write_params
+from hemaflow.classify.train import fit_temperature
 from hemaflow.evaluate.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
@@ -56,33 +56,21 @@ def _scores(path):
 def test_same_params_same_models_and_a_second_seed_measures_the_spread(tiny_models, tmp_path):
     p = load(yaml.safe_load(tiny_models.params_file.read_text()))
     seeds = [*p.base.seeds, 7]
-    train_classifier(
-        model_params=p.model,
-        params=p.classify,
-        recipe=p.adapt.methods["none"],
-        seeds=seeds,
-        cells=tiny_models.cells,
-        prepared=tiny_models.prepared,
-        out=tmp_path / "m",
-        metrics=tmp_path / "metrics.json",
-        plots=tmp_path / "plots",
-        state=tmp_path / "state",
-    )
+    metrics = train_tiny_classifier(tiny_models, tmp_path, seeds=seeds)
     # the first seed's models are the pipeline's, whatever further seeds are asked for
     assert _scores(tmp_path / "metrics.json") == _scores(tiny_models.root / "classify.json")
     again, first = (
-        load_file(tmp_path / "m" / "fold0.safetensors"),
+        load_file(tmp_path / "models" / "fold0.safetensors"),
         load_file(tiny_models.classifier / "fold0.safetensors"),
     )
     assert all(torch.equal(again[k], first[k]) for k in first)
-    other = load_file(tmp_path / "m" / "seeds" / "seed7" / "fold0.safetensors")
+    other = load_file(tmp_path / "models" / "seeds" / "seed7" / "fold0.safetensors")
     assert not all(torch.equal(other[k], first[k]) for k in first)
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
     spread = metrics["seeds"]["macro_f1"]
     assert set(spread["per_seed"]) == {str(s) for s in seeds} and spread["std"] is not None
     assert spread["mean"] == pytest.approx(np.mean(list(spread["per_seed"].values())))
     assert metrics["resolved_backbone"] == "resnet18" and metrics["conditions"]["cpu_kernels"] == "avx2"
-    card = json.loads((tmp_path / "m" / "fold0.json").read_text())
+    card = json.loads((tmp_path / "models" / "fold0.json").read_text())
     assert card["classes"] == sorted(card["classes"]) and card["img_size"] == 32 and card["temperature"] > 0
     confusion = pd.read_csv(tmp_path / "plots" / "confusion.csv")
     assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == metrics["oof"]["cells"]
@@ -97,7 +85,7 @@ def test_same_params_same_models_and_a_second_seed_measures_the_spread(tiny_mode
         seed=0,
         prepared=tiny_models.prepared,
         detections=tiny_models.detections,
-        classifier=tmp_path / "m",
+        classifier=tmp_path / "models",
         out=tmp_path / "cells.csv",
         metrics=tmp_path / "evaluate.json",
         plots=tmp_path / "evaluate_plots",

@@ -69,11 +69,9 @@ def test_killed_training_resumes_and_a_second_seed_measures_the_spread(tiny_prep
     from hemaflow.detect.train import last_checkpoint
 
     prepared, base = tiny_prepared
-    params = detector_params(tmp_path / "params.yaml", base, epochs=3, batch_size=4)
-    data = yaml.safe_load(params.read_text())
-    first, second = data["base"]["seeds"][0], data["base"]["seeds"][0] + 1
-    data["base"]["seeds"] = [first, second]
-    params.write_text(yaml.safe_dump(data))
+    first = yaml.safe_load(base.read_text())["base"]["seeds"][0]
+    second = first + 1
+    params = detector_params(tmp_path / "params.yaml", base, seeds=[first, second], epochs=3, batch_size=4)
     command = train_detector_command(params, prepared, tmp_path)
     work = tmp_path / "work" / f"seed{first}"
     kill_when(command, lambda: last_checkpoint(work) is not None)  # killed after a whole checkpoint

@@ -20,9 +20,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import hemaflow_command, load, run
+from conftest import hemaflow_command, load, run, train_tiny_classifier
 from hemaflow.classify.model import create_classifier, load_classifier
-from hemaflow.classify.train import train_classifier
 from hemaflow.errors import HemaflowError
 from hemaflow.params import ModelParams
 from hemaflow.resume import file_digest
@@ -137,20 +136,15 @@ def test_a_timm_tag_comes_from_the_offline_hugging_face_cache(tmp_path):
 def test_linear_probe_and_knn_keep_the_pretrained_backbone_and_finetune_moves_it(tiny_models, tmp_path, head):
     start = tiny_models.classifier / "fold0.safetensors"
     p = load(yaml.safe_load(tiny_models.params_file.read_text()))
-    model_params = p.model.model_copy(update={"checkpoint": str(start)})
-    train_classifier(
-        model_params=model_params,
-        params=p.classify.model_copy(update={"head": head, "knn_k": 5, "layer_decay": 0.7, "freeze_epochs": 1}),
-        recipe=p.adapt.methods["none"],
-        seeds=p.base.seeds,
-        cells=tiny_models.cells,
-        prepared=tiny_models.prepared,
-        out=tmp_path / "models",
-        metrics=tmp_path / "metrics.json",
-        plots=tmp_path / "plots",
-        state=tmp_path / "state",
+    metrics = train_tiny_classifier(
+        tiny_models,
+        tmp_path,
+        model_params=p.model.model_copy(update={"checkpoint": str(start)}),
+        head=head,
+        knn_k=5,
+        layer_decay=0.7,
+        freeze_epochs=1,
     )
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["pretrained"] == {"weights": start.name, "sha256": file_digest(start), "source": str(start)}
     baseline = json.loads((tiny_models.root / "classify.json").read_text())
     assert metrics["oof"]["cells"] == baseline["oof"]["cells"]  # the same held-out cells as training from scratch
