@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
@@ -28,6 +29,9 @@ import hemaflow  # first: pins the CPU kernels before torch is imported (hemaflo
 # orders parallel sums, so models trained in a test and in a command compare bit for bit.
 TEST_THREADS = 1
 hemaflow.pin_threads(TEST_THREADS)
+
+if TYPE_CHECKING:
+    from hemaflow.params import ModelParams, Recipe
 
 
 @pytest.fixture(autouse=True)
@@ -300,21 +304,28 @@ def tiny_models(tiny_prepared, tmp_path_factory, worker_id) -> TinyModels:
     )
 
 
-def train_tiny_classifier(tiny_models: TinyModels, folder: Path, **changes) -> dict:
-    """Train the tiny classifier's folds into ``folder``/models (metrics.json, plots and state beside it); its metrics.
-
-    ``changes`` may name ``prepared``, ``recipe``, ``seeds`` and ``model_params``; any other key updates the
-    classify params."""
+def train_tiny_classifier(
+    tiny_models: TinyModels,
+    folder: Path,
+    *,
+    prepared: Path | None = None,
+    recipe: Recipe | None = None,
+    seeds: list[int] | None = None,
+    model_params: ModelParams | None = None,
+    **classify: object,
+) -> dict:
+    """Train the tiny classifier's folds into ``folder``/models (metrics.json, plots and state beside it);
+    its metrics. Unset arguments are the tiny pipeline's; ``classify`` keys update its classify params."""
     from hemaflow.classify.train import train_classifier
 
     p = load(yaml.safe_load(tiny_models.params_file.read_text()))
     train_classifier(
-        model_params=changes.pop("model_params", p.model),
-        recipe=changes.pop("recipe", p.adapt.methods["none"]),
-        seeds=changes.pop("seeds", p.base.seeds),
-        prepared=changes.pop("prepared", tiny_models.prepared),
-        params=p.classify.model_copy(update=changes),
+        model_params=model_params or p.model,
+        params=p.classify.model_copy(update=classify),
+        recipe=recipe or p.adapt.methods["none"],
+        seeds=seeds or p.base.seeds,
         cells=tiny_models.cells,
+        prepared=prepared or tiny_models.prepared,
         out=folder / "models",
         metrics=folder / "metrics.json",
         plots=folder / "plots",
