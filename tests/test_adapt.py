@@ -374,7 +374,15 @@ def test_domain_batch_norm_reaches_the_training_of_a_labelled_target_slice(tiny_
 
 
 @pytest.mark.slow
-def test_domain_heads_score_the_source_out_of_fold_by_the_saved_source_models(tiny_models, tmp_path):
+@pytest.mark.parametrize(
+    "method",
+    [
+        Recipe(**recipe(adabn=True, few_shot=True), domain_heads=True),
+        Recipe(**recipe(augment=["stain"], adabn=True), domain_heads=True),  # the source head: cells not augmented
+    ],
+    ids=["slice", "stain"],
+)
+def test_domain_heads_score_the_source_out_of_fold_by_the_saved_source_models(method, tiny_models, tmp_path):
     """With domain_heads the out-of-fold source calls are those of the source lab's saved fold models,
     the deployed fold models are others, and the metrics say what these would cost the source."""
     cells = pd.read_csv(tiny_models.prepared / "cells.csv", keep_default_na=False)
@@ -382,7 +390,6 @@ def test_domain_heads_score_the_source_out_of_fold_by_the_saved_source_models(ti
     cells.loc[test[::2], "role"] = "target_labelled"
     cells.loc[test[::2], "fold"] = np.arange(len(test[::2])) % 2  # each fold model trains on slice cells
     prepared = _prepared_with(tiny_models, cells, tmp_path / "prepared")
-    method = Recipe(**recipe(adabn=True, few_shot=True), domain_heads=True)
     metrics = train_tiny_classifier(tiny_models, tmp_path, prepared=prepared, recipe=method, epochs=1, folds=2)
     models = tmp_path / "models"
     oof = pd.read_csv(models / "oof.csv", keep_default_na=False)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import load
-from hemaflow.classify.data import EpochSampler, class_weights, with_slice_share
+from hemaflow.classify.data import EpochSampler, class_weights, with_adapted_copies, with_slice_share
 from hemaflow.classify.inference import average_probabilities
 from hemaflow.classify.model import (
     BACKBONE_ALIASES,
@@ -111,3 +111,19 @@ def test_a_small_labelled_target_slice_takes_its_share_of_the_draws_balanced_amo
     assert 0.4 <= slice_labels.mean() <= 0.6  # its rare class drawn as often as its common one
     source_only = with_slice_share(None, labels, from_slice, 0.0)
     assert float(source_only[from_slice].sum()) == 0.0  # share 0: the slice is never drawn
+
+
+def test_adapted_copies_take_their_share_of_each_source_cells_draws_and_the_slice_is_never_augmented():
+    # the same 1,020 cells listed twice, as they are and augmented toward the target
+    labels = [0] * 500 + [1] * 500 + [0] * 15 + [1] * 5
+    from_slice = np.arange(len(labels)) >= 1000
+    weights = with_slice_share(class_weights(labels, 2)[labels], labels, from_slice, 0.25)
+    both = with_adapted_copies(weights, from_slice, 0.5)
+    as_shown, adapted = both[: len(labels)], both[len(labels) :]
+    assert float(both.sum()) == pytest.approx(float(weights.sum()))  # the slice keeps its share of the epoch
+    assert float(adapted[from_slice].sum()) == 0.0 and torch.equal(as_shown[from_slice], weights[from_slice])
+    torch.testing.assert_close(adapted[~from_slice], as_shown[~from_slice])  # half of each source cell's draws
+    drawn = np.array(list(EpochSampler(len(labels), seed=3, weights=both)))
+    assert len(drawn) == len(labels)  # an epoch as long as without the copies
+    source_draws = drawn[~np.concatenate([from_slice, from_slice])[drawn]]
+    assert 0.45 <= (source_draws >= len(labels)).mean() <= 0.55

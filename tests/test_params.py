@@ -78,8 +78,11 @@ def test_cross_section_rules():
     with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.domain_heads needs a trained head"):
         parse_params(data)
     data["adapt"]["methods"]["few"]["few_shot"] = False
-    with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.domain_heads needs few_shot"):
+    with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.domain_heads needs few_shot or an augment"):
         parse_params(data)
+    data["adapt"]["methods"]["few"]["augment"] = ["stain"]  # the source head: the cells without the augmentation
+    data["classify"]["head"] = "finetune"
+    parse_params(data)
     data = params_data()
     data["prepare"]["datasets"][0]["detector_boxes"] = True  # the demo's first dataset is a source
     with pytest.raises(

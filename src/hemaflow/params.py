@@ -384,10 +384,16 @@ class Recipe(_Section):
     (domain-specific batch norm); the target is then deployed as trained, with its own statistics.
     Off: one batch norm over the mixed batch. Needs one training process and no mixup or cutmix."""
     domain_heads: bool = False
-    """With few_shot: a second classifier head learns the source cells alone and scores the source out
-    of fold (saved in the method's ``source/`` folder, the model for the source lab), while the head
-    that learns source and slice is deployed on the target. Off: one head for both, which the slice's
-    labels pull toward its classes on source cells. Needs a trained head (not knn) and no mixup or cutmix."""
+    """With few_shot or an ``augment``: a second classifier head learns the source cells as the source
+    lab shows them (no slice cell, no augmentation toward the target) and scores the source out of fold
+    (saved in the method's ``source/`` folder, the model for the source lab), while the head that
+    learns everything is deployed on the target. Off: one head for both, which the slice's labels and
+    the target-like augmentations pull away from the source. Needs a trained head (not knn) and no
+    mixup or cutmix."""
+    augment_share: Fraction = 0.5
+    """With domain_heads and an ``augment``: the share of each epoch's source draws that get the
+    augmentation toward the target; the others, as the source lab shows them, are the ones the source
+    head learns. Without domain_heads every draw gets it."""
 
     @field_validator("augment")
     @classmethod
@@ -600,9 +606,10 @@ class Params(_Section):
                     f"adapt.methods.{name}.domain_batch_norm needs few_shot and adabn: the slice is normalised by "
                     "target statistics in training, so the deployed model needs the target's (AdaBN)"
                 )
-            if recipe.domain_heads and not recipe.few_shot:
+            if recipe.domain_heads and not (recipe.few_shot or recipe.augment):
                 raise ValueError(
-                    f"adapt.methods.{name}.domain_heads needs few_shot: the source head is the one without the slice"
+                    f"adapt.methods.{name}.domain_heads needs few_shot or an augment: the source head is the one "
+                    "without the slice and without the augmentation toward the target"
                 )
             if recipe.domain_heads and self.classify.head == "knn":
                 raise ValueError(

@@ -96,12 +96,13 @@ def forward_per_domain(model: nn.Module, images: torch.Tensor, from_target: torc
 
 
 class DomainHeads(nn.Module):
-    """A timm classifier with a second classifier head that learns the source cells alone, for training
-    on source cells and a labelled target slice. The classifier's own head learns both and is the one
-    deployed on the target; the source head scores the source and serves it (``source_model``). With
-    one shared head the slice's labels pull held-out source cells toward the slice's classes (README:
-    few-shot's source cost). ``forward`` gives both heads' logits side by side (N x 2 classes), so
-    that DistributedDataParallel and ``forward_per_domain`` see one network with one output."""
+    """A timm classifier with a second classifier head that learns the source cells alone, as the source
+    lab shows them, for training on source cells with a labelled target slice or with augmentations
+    toward the target. The classifier's own head learns everything and is the one deployed on the
+    target; the source head scores the source and serves it (``source_model``). With one shared head
+    the slice's labels pull held-out source cells toward the slice's classes (README: few-shot's
+    source cost). ``forward`` gives both heads' logits side by side (N x 2 classes), so that
+    DistributedDataParallel and ``forward_per_domain`` see one network with one output."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -120,14 +121,15 @@ class DomainHeads(nn.Module):
 
 
 def domain_heads_loss(
-    outputs: torch.Tensor, labels: torch.Tensor, from_target: torch.Tensor, criterion: nn.Module
+    outputs: torch.Tensor, labels: torch.Tensor, not_source: torch.Tensor, criterion: nn.Module
 ) -> torch.Tensor:
     """``DomainHeads``' training loss: the own head's on every cell plus the source head's on the
-    source cells alone (``from_target``: bool per row)."""
+    cells as the source shows them (``not_source``: bool per row, true for slice cells and for
+    cells augmented toward the target)."""
     own, source = outputs.chunk(2, 1)
     loss = criterion(own, labels)
-    if (~from_target).any():
-        loss = loss + criterion(source[~from_target], labels[~from_target])
+    if (~not_source).any():
+        loss = loss + criterion(source[~not_source], labels[~not_source])
     return loss
 
 

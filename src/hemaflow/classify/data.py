@@ -21,6 +21,7 @@ __all__ = [
     "Indexed",
     "build_transform",
     "class_weights",
+    "with_adapted_copies",
     "with_slice_share",
 ]
 
@@ -151,8 +152,18 @@ def with_slice_share(
     return rest
 
 
+def with_adapted_copies(weights: torch.Tensor, from_slice: np.ndarray, share: float) -> torch.Tensor:
+    """Draw weights over the cells listed twice, first as they are, then augmented toward the target:
+    each source cell's weight split ``1 - share`` / ``share`` between its two copies; the slice's cells
+    (``from_slice``), already the target's, only as they are. The total is unchanged."""
+    in_slice = torch.from_numpy(np.array(from_slice, dtype=bool))
+    adapted = torch.where(in_slice, 0.0, weights * share)
+    return torch.cat([weights - adapted, adapted])
+
+
 class EpochSampler(Sampler[int]):
-    """Indices for one epoch: shuffled, or drawn with replacement by sample weights (class balance).
+    """``size`` indices for one epoch: a shuffle of range(size), or drawn with replacement by sample
+    weights (class balance), which may cover more items than the epoch draws (``with_adapted_copies``).
 
     The draw depends only on (seed, epoch), so every process of a distributed run draws the same
     permutation and takes its own slice ``rank::world_size``; a resumed run redraws exactly.

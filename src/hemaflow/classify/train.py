@@ -28,7 +28,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
 from hemaflow._io import write_csv, write_json
@@ -47,6 +47,7 @@ from hemaflow.classify.data import (
     Indexed,
     build_transform,
     class_weights,
+    with_adapted_copies,
     with_slice_share,
 )
 from hemaflow.classify.inference import fold_logits, predict_logits
@@ -104,23 +105,36 @@ def _fit_fold(
         model, card = _fit_knn(job, model, card, CellDataset(list(train["path"]), train_labels, plain))
         return model, model, card, [], None
     augment = build_transform(card.img_size, card.mean, card.std, params.augment, job.recipe.augment)
-    # each batch also says which rows it holds: the slice's cells among them
-    train_set = Indexed(CellDataset(list(train["path"]), train_labels, augment, job.references))
+    cells = CellDataset(list(train["path"]), train_labels, augment, job.references)
     val_set = CellDataset(list(val["path"]), [index[c] for c in val["fine_class"]], plain)
     weights = class_weights(train_labels, len(classes))
     sample_weights = weights[train_labels] if params.balance == "sampler" else None
     from_slice = (train["role"] == "target_labelled").to_numpy()
     if from_slice.any():
         sample_weights = with_slice_share(sample_weights, train_labels, from_slice, job.recipe.few_shot_share)
+    # the cells the source head must not learn: the slice's and, with domain heads, the augmented copies
+    not_for_source_head = from_slice
+    transforms = [augment]  # each reseeded per epoch
+    if job.recipe.domain_heads and job.recipe.augment:  # the source head needs the cells as the source shows them
+        as_shown = build_transform(card.img_size, card.mean, card.std, params.augment)
+        transforms.append(as_shown)
+        cells = ConcatDataset([CellDataset(list(train["path"]), train_labels, as_shown), cells])
+        sample_weights = with_adapted_copies(
+            torch.ones(len(train)) if sample_weights is None else sample_weights, from_slice, job.recipe.augment_share
+        )
+        from_slice = np.concatenate([from_slice, from_slice])  # the slice's copies are never drawn
+        not_for_source_head = np.concatenate([not_for_source_head, np.ones(len(train), bool)])
+    # each batch also says which rows it holds: the slice's cells among them
+    train_set = Indexed(cells)
     per_domain = job.recipe.domain_batch_norm and from_slice.any()
-    heads = DomainHeads(model) if job.recipe.domain_heads and from_slice.any() else None
+    heads = DomainHeads(model) if job.recipe.domain_heads and not_for_source_head.any() else None
     trained = heads or model  # what the loop runs, saves and resumes
     if per_domain and runtime.world_size > 1:
         raise HemaflowError(
             "classify: domain_batch_norm runs two forward passes per step, which DistributedDataParallel "
             "does not allow; train it on one process"
         )
-    sampler = EpochSampler(len(train_set), seed + fold, sample_weights, runtime.rank, runtime.world_size)
+    sampler = EpochSampler(len(train), seed + fold, sample_weights, runtime.rank, runtime.world_size)
     per_process_batch = max(params.batch_size // runtime.world_size, 2)
     loader = DataLoader(
         train_set,
@@ -184,7 +198,8 @@ def _fit_fold(
             _freeze_backbone(model, frozen)
             network = DistributedDataParallel(trained) if runtime.world_size > 1 else trained
         sampler.set_epoch(epoch)
-        augment.set_random_seed(seed * 1_000 + fold * 100 + epoch)
+        for transform in transforms:
+            transform.set_random_seed(seed * 1_000 + fold * 100 + epoch)
         np.random.seed(seed * 1_000 + fold * 100 + epoch)  # timm's Mixup draws from numpy's global RNG
         torch.manual_seed(seed * 1_000 + fold * 100 + epoch)
         network.train()
@@ -201,6 +216,7 @@ def _fit_fold(
                 images = images.contiguous(memory_format=torch.channels_last)
             labels = labels.to(runtime.device, non_blocking=True)
             slice_rows = torch.from_numpy(from_slice[rows.numpy()]).to(runtime.device)
+            source_head_skips = torch.from_numpy(not_for_source_head[rows.numpy()]).to(runtime.device)
             if mixup is not None:
                 images, labels = mixup(images, labels)
             with autocast(runtime.device, params.precision):
@@ -208,7 +224,7 @@ def _fit_fold(
                 if heads is None:
                     loss = criterion(outputs.float(), labels)
                 else:
-                    loss = domain_heads_loss(outputs.float(), labels, slice_rows, criterion)
+                    loss = domain_heads_loss(outputs.float(), labels, source_head_skips, criterion)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
