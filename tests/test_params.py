@@ -80,8 +80,11 @@ def test_cross_section_rules():
     data["adapt"]["methods"]["few"]["few_shot"] = False
     with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.domain_heads needs few_shot or an augment"):
         parse_params(data)
-    data["adapt"]["methods"]["few"]["augment"] = ["stain"]  # the source head: the cells without the augmentation
+    data["adapt"]["methods"]["few"]["augment"] = ["stain"]
     data["classify"]["head"] = "finetune"
+    with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.domain_heads with an augment needs augment_share"):
+        parse_params(data)
+    data["adapt"]["methods"]["few"]["augment_share"] = 0.5  # the source head: the draws without the augmentation
     parse_params(data)
     data = params_data()
     data["prepare"]["datasets"][0]["detector_boxes"] = True  # the demo's first dataset is a source

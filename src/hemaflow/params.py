@@ -390,10 +390,10 @@ class Recipe(_Section):
     learns everything is deployed on the target. Off: one head for both, which the slice's labels and
     the target-like augmentations pull away from the source. Needs a trained head (not knn) and no
     mixup or cutmix."""
-    augment_share: Fraction = 0.5
-    """With domain_heads and an ``augment``: the share of each epoch's source draws that get the
-    augmentation toward the target; the others, as the source lab shows them, are the ones the source
-    head learns. Without domain_heads every draw gets it."""
+    augment_share: Fraction = 1.0
+    """With an ``augment``: the share of each epoch's source draws that get the augmentation toward the
+    target; the others are drawn as the source lab shows them (with classify.augment's jitter only),
+    and with domain_heads they are the ones the source head learns."""
 
     @field_validator("augment")
     @classmethod
@@ -610,6 +610,11 @@ class Params(_Section):
                 raise ValueError(
                     f"adapt.methods.{name}.domain_heads needs few_shot or an augment: the source head is the one "
                     "without the slice and without the augmentation toward the target"
+                )
+            if recipe.domain_heads and recipe.augment and recipe.augment_share == 1:
+                raise ValueError(
+                    f"adapt.methods.{name}.domain_heads with an augment needs augment_share below 1: the source "
+                    "head learns the draws that are not augmented"
                 )
             if recipe.domain_heads and self.classify.head == "knn":
                 raise ValueError(

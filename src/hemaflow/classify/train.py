@@ -112,10 +112,10 @@ def _fit_fold(
     from_slice = (train["role"] == "target_labelled").to_numpy()
     if from_slice.any():
         sample_weights = with_slice_share(sample_weights, train_labels, from_slice, job.recipe.few_shot_share)
-    # the cells the source head must not learn: the slice's and, with domain heads, the augmented copies
+    # the cells the source head must not learn (with domain heads): the slice's and the augmented copies
     not_for_source_head = from_slice
     transforms = [augment]  # each reseeded per epoch
-    if job.recipe.domain_heads and job.recipe.augment:  # the source head needs the cells as the source shows them
+    if job.recipe.augment and job.recipe.augment_share < 1:  # some draws as the source shows them
         as_shown = build_transform(card.img_size, card.mean, card.std, params.augment)
         transforms.append(as_shown)
         cells = ConcatDataset([CellDataset(list(train["path"]), train_labels, as_shown), cells])
