@@ -606,6 +606,11 @@ class Params(_Section):
                     f"adapt.methods.{name}.domain_batch_norm needs few_shot and adabn: the slice is normalised by "
                     "target statistics in training, so the deployed model needs the target's (AdaBN)"
                 )
+            if recipe.augment_share < 1 and not recipe.augment:
+                raise ValueError(
+                    f"adapt.methods.{name}.augment_share={recipe.augment_share} has no augment to share: "
+                    "list stain or fda in augment, or leave augment_share at 1"
+                )
             if recipe.domain_heads and not (recipe.few_shot or recipe.augment):
                 raise ValueError(
                     f"adapt.methods.{name}.domain_heads needs few_shot or an augment: the source head is the one "
