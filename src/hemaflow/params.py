@@ -402,6 +402,20 @@ class Recipe(_Section):
             raise ValueError("an augmentation is listed twice")
         return augment
 
+    @model_validator(mode="after")
+    def _augment_share_has_an_augment(self) -> Recipe:
+        if self.augment_share < 1 and not self.augment:
+            raise ValueError(
+                f"augment_share={self.augment_share} has no augment to share: list stain or fda in augment, "
+                "or leave augment_share at 1"
+            )
+        if self.domain_heads and self.augment and self.augment_share == 1:
+            raise ValueError(
+                "domain_heads with an augment needs augment_share below 1: the source head learns the draws "
+                "that are not augmented"
+            )
+        return self
+
     @property
     def needs_target(self) -> list[str]:
         """The parts of the recipe that look at unlabelled target cells."""
@@ -606,20 +620,10 @@ class Params(_Section):
                     f"adapt.methods.{name}.domain_batch_norm needs few_shot and adabn: the slice is normalised by "
                     "target statistics in training, so the deployed model needs the target's (AdaBN)"
                 )
-            if recipe.augment_share < 1 and not recipe.augment:
-                raise ValueError(
-                    f"adapt.methods.{name}.augment_share={recipe.augment_share} has no augment to share: "
-                    "list stain or fda in augment, or leave augment_share at 1"
-                )
             if recipe.domain_heads and not (recipe.few_shot or recipe.augment):
                 raise ValueError(
                     f"adapt.methods.{name}.domain_heads needs few_shot or an augment: the source head is the one "
                     "without the slice and without the augmentation toward the target"
-                )
-            if recipe.domain_heads and recipe.augment and recipe.augment_share == 1:
-                raise ValueError(
-                    f"adapt.methods.{name}.domain_heads with an augment needs augment_share below 1: the source "
-                    "head learns the draws that are not augmented"
                 )
             if recipe.domain_heads and self.classify.head == "knn":
                 raise ValueError(
