@@ -198,8 +198,8 @@ def _fit_fold(
             _freeze_backbone(model, frozen)
             network = DistributedDataParallel(trained) if runtime.world_size > 1 else trained
         sampler.set_epoch(epoch)
-        for transform in transforms:
-            transform.set_random_seed(seed * 1_000 + fold * 100 + epoch)
+        for copy, transform in enumerate(transforms):  # the copies' jitter streams differ
+            transform.set_random_seed(seed * 1_000 + fold * 100 + epoch + copy * 1_000_003)
         np.random.seed(seed * 1_000 + fold * 100 + epoch)  # timm's Mixup draws from numpy's global RNG
         torch.manual_seed(seed * 1_000 + fold * 100 + epoch)
         network.train()
