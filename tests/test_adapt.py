@@ -20,6 +20,7 @@ from hemaflow.classify.adapt import (
     average_thresholded_confidence,
     choose_method,
     confident_pseudo_labels,
+    costing_the_source,
     domain_heads_loss,
     forward_per_domain,
     information_maximization,
@@ -325,6 +326,16 @@ def test_information_never_deploys_a_method_that_costs_the_labelled_source():
     # the target's own labels are direct evidence: a source cost does not overrule them
     labelled = {"none": _selection(0.5, 0.4), "cyclegan": _selection(0.9, 0.8)}
     assert choose_method(labelled, harms_source=["cyclegan"])[0] == "cyclegan"
+
+
+def test_only_an_established_source_cost_beyond_the_tolerance_leaves_a_method_out():
+    costs = {  # paired intervals of out-of-fold source macro-F1 minus none's (the stain runs)
+        "stain_adabn": {"difference": -0.1676, "interval": [-0.2297, -0.1038]},
+        "stain_adabn_heads": {"difference": -0.0346, "interval": [-0.1144, -0.0063]},
+        "fda": {"difference": 0.0004, "interval": [-0.0357, 0.0266]},
+    }
+    assert costing_the_source(costs, 0.02) == ["stain_adabn"]
+    assert costing_the_source(costs, 0.0) == ["stain_adabn", "stain_adabn_heads"]
 
 
 def _prepared_with(tiny_models, cells: pd.DataFrame, folder: Path) -> Path:

@@ -119,6 +119,7 @@ def test_compare_builds_the_table_with_intervals_and_a_report_whose_links_resolv
     compare(
         methods=["none", "reinhard"],
         deployed="auto",
+        source_tolerance=0.02,
         translations=["none", "reinhard"],
         metrics=metrics,
         evaluated=evaluated,

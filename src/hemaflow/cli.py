@@ -407,6 +407,7 @@ def compare_command(
         compare(
             methods=list(params.adapt.methods),
             deployed=params.adapt.deploy,
+            source_tolerance=params.adapt.source_tolerance,
             translations=params.translations,
             metrics=metrics,
             evaluated=evaluated,

@@ -432,7 +432,12 @@ class AdaptParams(_Section):
     """The method `hemaflow predict` uses by default, or ``auto``: the one ``compare`` chose without
     test labels (best on the labelled target slice when there is one, else the most informative
     target predictions among the methods whose out-of-fold source macro-F1 is not significantly
-    below none's; metrics/cross_domain.json)."""
+    more than source_tolerance below none's; metrics/cross_domain.json)."""
+    source_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.02
+    """With deploy auto and no labelled target slice: a method is left out of the choice when the
+    paired 95 % interval of its out-of-fold source macro-F1 minus none's lies wholly below
+    -source_tolerance (it costs the source lab more than this, established). 0: any established
+    cost leaves a method out."""
 
     @model_validator(mode="after")
     def _deployed_is_compared(self) -> AdaptParams:

@@ -165,6 +165,13 @@ def information_maximization(probabilities: np.ndarray, groups: Sequence[str]) -
     return float(entropy(summed.mean(0)) - entropy(summed, axis=1).mean())
 
 
+def costing_the_source(source_costs: dict[str, dict], tolerance: float) -> list[str]:
+    """The methods that cost the labelled source more than ``tolerance`` of out-of-fold macro-F1,
+    established: the paired 95 % interval of their difference to none (``source_costs``, as
+    ``against_baseline`` gives it) lies wholly below -tolerance."""
+    return [m for m, cost in source_costs.items() if cost["interval"][1] < -tolerance]
+
+
 def choose_method(selection: dict[str, dict], harms_source: Collection[str] = ()) -> tuple[str, str]:
     """The adaptation method to deploy, from each method's ``selection`` scores (train_classifier's
     metrics: no test label is among them) -> (method, why).
@@ -173,7 +180,7 @@ def choose_method(selection: dict[str, dict], harms_source: Collection[str] = ()
     main types where the target holds only those): the target's own labels, however few, beat any
     proxy. Without one, the highest information (``information_maximization`` over coarse groups) of
     the target predictions, among the methods not in ``harms_source``: those whose out-of-fold
-    source macro-F1 is significantly below none's. A method that changes what the labelled cells
+    source macro-F1 is significantly more than adapt.source_tolerance below none's. A method that changes what the labelled cells
     are (a translation that paints one class into another) makes the classifier confident on the
     target whether or not it is right, and IM rewards confidence (README: the 128 px CycleGAN run).
     Not ATC, which is also recorded: on the real benchmarks it kept picking none where adabn was the

@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from hemaflow._io import write_csv, write_figure, write_json, write_text
-from hemaflow.classify.adapt import choose_method
+from hemaflow.classify.adapt import choose_method, costing_the_source
 from hemaflow.data.classes import load_class_matrix
 from hemaflow.errors import HemaflowError
 from hemaflow.metrics import bootstrap_interval, label_scores
@@ -136,6 +136,7 @@ def compare(
     *,
     methods: Sequence[str],
     deployed: str,
+    source_tolerance: float,
     translations: Sequence[str],
     metrics: Path,
     evaluated: Path,
@@ -166,9 +167,8 @@ def compare(
         for m in methods
         if m != "none" and source_baseline is not None
     }
-    harms_source = [m for m, cost in source_costs.items() if cost["interval"][1] < 0]
     if deployed == "auto":
-        deployed, because = choose_method(selection, harms_source)
+        deployed, because = choose_method(selection, costing_the_source(source_costs, source_tolerance))
     else:
         because = "set in adapt.deploy"
     evaluations = {m: _read(metrics / "evaluate" / f"{m}.json") for m in methods}
