@@ -97,6 +97,8 @@ def main() -> None:
             "none",
             "--cells",
             str(work / "crops"),
+            "--crops",
+            str(work / "crops"),
             "--prepared",
             str(work / "prepared"),
             "--out",

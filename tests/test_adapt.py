@@ -28,8 +28,9 @@ from hemaflow.classify.adapt import (
 from hemaflow.classify.data import CellDataset, EpochSampler, build_transform, with_slice_share
 from hemaflow.classify.inference import fold_logits, load_ensemble
 from hemaflow.classify.model import load_classifier
-from hemaflow.params import Recipe
+from hemaflow.params import Recipe, Translation
 from hemaflow.resume import file_digest
+from hemaflow.translate.translate import translate
 
 
 def _spot_images(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,29 +392,50 @@ def test_domain_batch_norm_reaches_the_training_of_a_labelled_target_slice(tiny_
         Recipe(**recipe(adabn=True, few_shot=True), domain_heads=True),
         # the source head: the half of the draws not augmented
         Recipe(**recipe(augment=["stain"], adabn=True), domain_heads=True, augment_share=0.5),
+        # the source head: the half of the draws not translated, and it scores untranslated cells
+        Recipe(**recipe(translate="reinhard", adabn=True), domain_heads=True, augment_share=0.5),
     ],
-    ids=["slice", "stain"],
+    ids=["slice", "stain", "translation"],
 )
 def test_domain_heads_score_the_source_out_of_fold_by_the_saved_source_models(method, tiny_models, tmp_path):
-    """With domain_heads the out-of-fold source calls are those of the source lab's saved fold models,
-    the deployed fold models are others, and the metrics say what these would cost the source."""
+    """With domain_heads the out-of-fold source calls are those of the source lab's saved fold models
+    on the cells as that lab shows them (untranslated), the deployed fold models are others, and the
+    metrics say what these would cost the source."""
     cells = pd.read_csv(tiny_models.prepared / "cells.csv", keep_default_na=False)
     test = cells.index[cells["role"] == "test"]
     cells.loc[test[::2], "role"] = "target_labelled"
     cells.loc[test[::2], "fold"] = np.arange(len(test[::2])) % 2  # each fold model trains on slice cells
     prepared = _prepared_with(tiny_models, cells, tmp_path / "prepared")
-    metrics = train_tiny_classifier(tiny_models, tmp_path, prepared=prepared, recipe=method, epochs=1, folds=2)
+    translated = tiny_models.cells
+    if method.translate is not Translation.none:
+        translated = tmp_path / "translated"
+        translate(
+            method=method.translate,
+            reference_cells=8,
+            seed=0,
+            crops=tiny_models.crops,
+            prepared=prepared,
+            translator=None,
+            out=translated,
+            metrics=tmp_path / "translate.json",
+            plots=tmp_path / "translate_plots",
+        )
+    metrics = train_tiny_classifier(
+        tiny_models, tmp_path, prepared=prepared, cells=translated, recipe=method, epochs=1, folds=2
+    )
     models = tmp_path / "models"
     oof = pd.read_csv(models / "oof.csv", keep_default_na=False)
-    translated = pd.read_csv(tiny_models.cells / "cells.csv", keep_default_na=False)  # what trained
-    crops = dict(zip(translated["cell_id"], translated["crop"], strict=True))
+    untranslated = pd.read_csv(tiny_models.crops / "cells.csv", keep_default_na=False)
+    crops = dict(zip(untranslated["cell_id"], untranslated["crop"], strict=True))
     tta = load(yaml.safe_load(tiny_models.params_file.read_text())).classify.tta
     for fold in (0, 1):
         held_out = oof[oof["fold"] == fold]
         source_model = load_classifier(models / "source" / f"fold{fold}")
-        paths = [tiny_models.cells / crops[c] for c in held_out["cell_id"]]
+        paths = [tiny_models.crops / crops[c] for c in held_out["cell_id"]]
         logits = fold_logits([source_model], paths, tta, torch.device("cpu"))
         assert [source_model[1].classes[i] for i in logits[0].argmax(1)] == list(held_out["predicted"])
+        calibrated = torch.from_numpy(logits[0] / source_model[1].temperature).softmax(1).max(1).values.numpy()
+        assert calibrated == pytest.approx(held_out["confidence"].to_numpy(), abs=1e-5)  # these very cells
         deployed = load_file(models / f"fold{fold}.safetensors")
         source_weights = load_file(models / "source" / f"fold{fold}.safetensors")
         assert not torch.equal(deployed["fc.weight"], source_weights["fc.weight"])

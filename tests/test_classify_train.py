@@ -33,6 +33,8 @@ def _train_command(cells, prepared, params_file, out_root):
         "none",
         "--cells",
         str(cells),
+        "--crops",
+        str(cells),
         "--prepared",
         str(prepared),
         "--out",

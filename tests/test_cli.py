@@ -184,6 +184,8 @@ def test_stage_commands_name_the_missing_input(tmp_path):
             "none",
             "--cells",
             str(tmp_path / "nothing"),
+            "--crops",
+            str(tmp_path / "nothing"),
             "--prepared",
             str(tmp_path / "nothing"),
             "--out",

@@ -42,6 +42,8 @@ def _train(tiny_models, out: Path, kernels: dict[str, str]) -> tuple[dict, dict]
         "none",
         "--cells",
         str(tiny_models.cells),
+        "--crops",
+        str(tiny_models.crops),
         "--prepared",
         str(tiny_models.prepared),
         "--out",

@@ -312,6 +312,13 @@ def translate_command(
 def train_classifier_command(
     method: Annotated[str, typer.Option(help="The adaptation method (a name in adapt.methods) whose recipe trains.")],
     cells: Annotated[Path, typer.Option(help="Training cells (a translate stage's output: cells.csv + crops).")],
+    crops: Annotated[
+        Path,
+        typer.Option(
+            help="The untranslated training crops (the crop stage's output), drawn beside a translation's "
+            "where the recipe's augment_share is below 1."
+        ),
+    ],
     prepared: Annotated[Path, typer.Option(help="Prepared folder (the target cells the recipe may use).")],
     out: Annotated[Path, typer.Option(help="Folder for the fold models (.safetensors + .json).")],
     metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")],
@@ -339,6 +346,7 @@ def train_classifier_command(
             recipe=params.adapt.methods[method],
             seeds=params.base.seeds,
             cells=cells,
+            crops=crops,
             prepared=prepared,
             out=out,
             metrics=metrics,

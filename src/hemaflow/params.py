@@ -384,16 +384,19 @@ class Recipe(_Section):
     (domain-specific batch norm); the target is then deployed as trained, with its own statistics.
     Off: one batch norm over the mixed batch. Needs one training process and no mixup or cutmix."""
     domain_heads: bool = False
-    """With few_shot or an ``augment``: a second classifier head learns the source cells as the source
-    lab shows them (no slice cell, no augmentation toward the target) and scores the source out of fold
+    """With few_shot, an ``augment`` or a translation: a second classifier head learns the source cells as
+    the source lab shows them (no slice cell, no augmentation or translation toward the target) and scores
+    the source out of fold
     (saved in the method's ``source/`` folder, the model for the source lab), while the head that
     learns everything is deployed on the target. Off: one head for both, which the slice's labels and
     the target-like augmentations pull away from the source. Needs a trained head (not knn) and no
     mixup or cutmix."""
     augment_share: Fraction = 1.0
-    """With an ``augment``: the share of each epoch's source draws that get the augmentation toward the
-    target; the others are drawn as the source lab shows them (with classify.augment's jitter only),
-    and with domain_heads they are the ones the source head learns."""
+    """With an ``augment`` or a translation: the share of each epoch's source draws that get the
+    augmentation and the translation toward the target; the others are drawn as the source lab shows
+    them (untranslated, with classify.augment's jitter only), and with domain_heads they are the ones
+    the source head learns. Below 1 with a translation, the source is also scored out of fold
+    untranslated."""
 
     @field_validator("augment")
     @classmethod
@@ -404,17 +407,22 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _augment_share_has_an_augment(self) -> Recipe:
-        if self.augment_share < 1 and not self.augment:
+        if self.augment_share < 1 and not self.toward_target:
             raise ValueError(
-                f"augment_share={self.augment_share} has no augment to share: list stain or fda in augment, "
-                "or leave augment_share at 1"
+                f"augment_share={self.augment_share} has no augment or translation to share: list stain or fda "
+                "in augment, set translate, or leave augment_share at 1"
             )
-        if self.domain_heads and self.augment and self.augment_share == 1:
+        if self.domain_heads and self.toward_target and self.augment_share == 1:
             raise ValueError(
-                "domain_heads with an augment needs augment_share below 1: the source head learns the draws "
-                "that are not augmented"
+                "domain_heads with an augment or a translation needs augment_share below 1: the source head "
+                "learns the draws that are neither augmented nor translated"
             )
         return self
+
+    @property
+    def toward_target(self) -> bool:
+        """Whether training cells are made to look like the target's (translated or augmented)."""
+        return bool(self.augment) or self.translate is not Translation.none
 
     @property
     def needs_target(self) -> list[str]:
@@ -625,10 +633,10 @@ class Params(_Section):
                     f"adapt.methods.{name}.domain_batch_norm needs few_shot and adabn: the slice is normalised by "
                     "target statistics in training, so the deployed model needs the target's (AdaBN)"
                 )
-            if recipe.domain_heads and not (recipe.few_shot or recipe.augment):
+            if recipe.domain_heads and not (recipe.few_shot or recipe.toward_target):
                 raise ValueError(
-                    f"adapt.methods.{name}.domain_heads needs few_shot or an augment: the source head is the one "
-                    "without the slice and without the augmentation toward the target"
+                    f"adapt.methods.{name}.domain_heads needs few_shot, an augment or a translation: the source "
+                    "head is the one without the slice and without the augmentation or translation toward the target"
                 )
             if recipe.domain_heads and self.classify.head == "knn":
                 raise ValueError(

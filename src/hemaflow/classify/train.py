@@ -62,7 +62,7 @@ from hemaflow.classify.model import (
 from hemaflow.data.classes import load_class_matrix
 from hemaflow.errors import HemaflowError
 from hemaflow.metrics import SPREAD_KEYS, across_seeds, classification_metrics, expected_calibration_error
-from hemaflow.params import ClassifyParams, ModelParams, Recipe
+from hemaflow.params import ClassifyParams, ModelParams, Recipe, Translation
 from hemaflow.resume import TrainingState, file_digest, fingerprint
 from hemaflow.runtime import Runtime, autocast, conditions, seed_folder
 from hemaflow.tables import labelled, read_cells, read_crop
@@ -87,7 +87,8 @@ def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 def _fit_fold(
     job: _Job, fold: int, train: pd.DataFrame, val: pd.DataFrame, state: TrainingState
 ) -> tuple[nn.Module, nn.Module, ModelCard, list[dict], float | None]:
-    """Train one fold on ``train`` (``path``, ``fine_class`` and ``role`` columns), resuming a matching
+    """Train one fold on ``train`` (``path``, ``fine_class`` and ``role`` columns, ``adapted_path`` where
+    translations are shared), resuming a matching
     saved state; return the model, the model that scores the source (the same one unless the recipe
     has domain heads), card, history (validation on ``val``), images/s."""
     model_params, params, seed, runtime, classes = job.model_params, job.params, job.seed, job.runtime, job.classes
@@ -105,7 +106,9 @@ def _fit_fold(
         model, card = _fit_knn(job, model, card, CellDataset(list(train["path"]), train_labels, plain))
         return model, model, card, [], None
     augment = build_transform(card.img_size, card.mean, card.std, params.augment, job.recipe.augment)
-    cells = CellDataset(list(train["path"]), train_labels, augment, job.references)
+    # the files drawn adapted toward the target: translations where they are shared, else the cells themselves
+    adapted = train["adapted_path"].fillna(train["path"]) if "adapted_path" in train else train["path"]
+    cells = CellDataset(list(adapted), train_labels, augment, job.references)
     val_set = CellDataset(list(val["path"]), [index[c] for c in val["fine_class"]], plain)
     weights = class_weights(train_labels, len(classes))
     sample_weights = weights[train_labels] if params.balance == "sampler" else None
@@ -115,7 +118,7 @@ def _fit_fold(
     # the cells the source head must not learn (with domain heads): the slice's and the augmented copies
     not_for_source_head = from_slice
     transforms = [augment]  # each reseeded per epoch
-    if job.recipe.augment and job.recipe.augment_share < 1:  # some draws as the source shows them
+    if job.recipe.augment_share < 1:  # some draws as the source shows them
         as_shown = build_transform(card.img_size, card.mean, card.std, params.augment)
         transforms.append(as_shown)
         cells = ConcatDataset([CellDataset(list(train["path"]), train_labels, as_shown), cells])
@@ -305,6 +308,7 @@ def train_classifier(
     recipe: Recipe,
     seeds: list[int],
     cells: Path,
+    crops: Path,
     prepared: Path,
     out: Path,
     metrics: Path,
@@ -313,8 +317,10 @@ def train_classifier(
 ) -> None:
     """Train the fold models of one adaptation method; write models, metrics and plots.
 
-    The labelled source cells of ``cells/cells.csv`` (a translation's output) train; the target
-    cells of ``prepared`` serve the recipe (unlabelled ones for fda, AdaBN and self-training, the
+    The labelled source cells of ``cells/cells.csv`` (a translation's output) train; where a translating
+    recipe shares its draws (augment_share below 1), the untranslated ``crops`` (the crop stage's) are
+    the cells as the source lab shows them, drawn beside the translated ones and scored out of fold.
+    The target cells of ``prepared`` serve the recipe (unlabelled ones for fda, AdaBN and self-training, the
     labelled slice for few-shot training) and the scores that choose a method without test labels.
     The first seed's fold models (``out/fold*``) are the pipeline's; every further seed trains the
     same folds again (``out/seeds/seed<s>``) so that metrics can report the spread across seeds.
@@ -324,6 +330,8 @@ def train_classifier(
     source = _with_paths(labelled(read_cells(cells, "translate"), "source"), cells)
     if source.empty:
         raise HemaflowError(f"{cells / 'cells.csv'}: no labelled source cells to train on")
+    if recipe.translate is not Translation.none and recipe.augment_share < 1:
+        source = _beside_untranslated(source, crops)
     everything = read_cells(prepared)
     target = _with_paths(everything[everything["role"] == "target"], prepared)
     few_shot = _with_paths(labelled(everything, "target_labelled"), prepared)
@@ -357,6 +365,16 @@ def train_classifier(
 def _with_paths(cells: pd.DataFrame, folder: Path) -> pd.DataFrame:
     """``cells`` with ``path``: each crop's file (crops are relative to the folder of their table)."""
     return cells.assign(path=[folder / c for c in cells["crop"]])
+
+
+def _beside_untranslated(translated: pd.DataFrame, crops: Path) -> pd.DataFrame:
+    """The translated source cells with ``path`` set to each cell's untranslated crop (in ``crops``, the
+    crop stage's output: what the source lab shows) and ``adapted_path`` to its translation."""
+    untranslated = _with_paths(read_cells(crops, "crop"), crops).set_index("cell_id")["path"]
+    missing = sorted(set(translated["cell_id"]) - set(untranslated.index))
+    if missing:
+        raise HemaflowError(f"{crops / 'cells.csv'}: no untranslated crop for translated cell(s) {missing[:5]}")
+    return translated.assign(adapted_path=translated["path"], path=list(untranslated[translated["cell_id"]]))
 
 
 def _references(target: pd.DataFrame, params: ClassifyParams, img_size: int, seed: int) -> list[np.ndarray]:
