@@ -78,14 +78,20 @@ def test_cross_section_rules():
     with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.domain_heads needs a trained head"):
         parse_params(data)
     data["adapt"]["methods"]["few"]["few_shot"] = False
-    with pytest.raises(ParamsError, match=r"adapt\.methods\.few\.domain_heads needs few_shot, an augment or a translation"):
+    with pytest.raises(
+        ParamsError, match=r"adapt\.methods\.few\.domain_heads needs few_shot, an augment or a translation"
+    ):
         parse_params(data)
     data["classify"]["head"] = "finetune"
     data["adapt"]["methods"]["few"]["augment_share"] = 0.5  # nothing to share: a silent no-op otherwise
-    with pytest.raises(ParamsError, match=r"adapt\.methods\.few: .*augment_share=0\.5 has no augment or translation to share"):
+    with pytest.raises(
+        ParamsError, match=r"adapt\.methods\.few: .*augment_share=0\.5 has no augment or translation to share"
+    ):
         parse_params(data)
     data["adapt"]["methods"]["few"] |= {"augment": ["stain"], "augment_share": 1.0}
-    with pytest.raises(ParamsError, match=r"adapt\.methods\.few: .*domain_heads with an augment or a translation needs"):
+    with pytest.raises(
+        ParamsError, match=r"adapt\.methods\.few: .*domain_heads with an augment or a translation needs"
+    ):
         parse_params(data)
     data["adapt"]["methods"]["few"]["augment_share"] = 0.5  # the source head: the draws without the augmentation
     parse_params(data)

@@ -384,13 +384,12 @@ class Recipe(_Section):
     (domain-specific batch norm); the target is then deployed as trained, with its own statistics.
     Off: one batch norm over the mixed batch. Needs one training process and no mixup or cutmix."""
     domain_heads: bool = False
-    """With few_shot, an ``augment`` or a translation: a second classifier head learns the source cells as
-    the source lab shows them (no slice cell, no augmentation or translation toward the target) and scores
-    the source out of fold
-    (saved in the method's ``source/`` folder, the model for the source lab), while the head that
-    learns everything is deployed on the target. Off: one head for both, which the slice's labels and
-    the target-like augmentations pull away from the source. Needs a trained head (not knn) and no
-    mixup or cutmix."""
+    """With few_shot, an ``augment`` or a translation: a second classifier head learns the source cells
+    as the source lab shows them (no slice cell, no augmentation or translation toward the target) and
+    scores the source out of fold (saved in the method's ``source/`` folder, the model for the source
+    lab), while the head that learns everything is deployed on the target. Off: one head for both,
+    which the slice's labels and the target-like augmentations pull away from the source. Needs a
+    trained head (not knn) and no mixup or cutmix."""
     augment_share: Fraction = 1.0
     """With an ``augment`` or a translation: the share of each epoch's source draws that get the
     augmentation and the translation toward the target; the others are drawn as the source lab shows

@@ -179,10 +179,11 @@ def choose_method(selection: dict[str, dict], harms_source: Collection[str] = ()
     With a labelled target slice, the best out-of-fold macro-F1 on it over coarse groups (the five
     main types where the target holds only those): the target's own labels, however few, beat any
     proxy. Without one, the highest information (``information_maximization`` over coarse groups) of
-    the target predictions, among the methods not in ``harms_source``: those whose out-of-fold
-    source macro-F1 is significantly more than adapt.source_tolerance below none's. A method that changes what the labelled cells
-    are (a translation that paints one class into another) makes the classifier confident on the
-    target whether or not it is right, and IM rewards confidence (README: the 128 px CycleGAN run).
+    the target predictions, among the methods not in ``harms_source`` (``costing_the_source``: an
+    out-of-fold source cost beyond adapt.source_tolerance, established). A method that changes what
+    the labelled cells are (a translation that paints one class into another) makes the classifier
+    confident on the target whether or not it is right, and IM rewards confidence (README: the 128 px
+    CycleGAN run).
     Not ATC, which is also recorded: on the real benchmarks it kept picking none where adabn was the
     test's best (README's record), because an unadapted classifier can be most confident where it
     is most wrong (BCCD: 55 of 71 cells called immature granulocytes, ATC 0.6678, accuracy 0).

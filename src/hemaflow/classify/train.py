@@ -87,10 +87,10 @@ def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 def _fit_fold(
     job: _Job, fold: int, train: pd.DataFrame, val: pd.DataFrame, state: TrainingState
 ) -> tuple[nn.Module, nn.Module, ModelCard, list[dict], float | None]:
-    """Train one fold on ``train`` (``path``, ``fine_class`` and ``role`` columns, ``adapted_path`` where
-    translations are shared), resuming a matching
-    saved state; return the model, the model that scores the source (the same one unless the recipe
-    has domain heads), card, history (validation on ``val``), images/s."""
+    """Train one fold on ``train`` (``path``, ``fine_class`` and ``role`` columns; ``adapted_path`` where a
+    translation's draws are shared), resuming a matching saved state; return the model, the model that
+    scores the source (the same one unless the recipe has domain heads), card, history (validation on
+    ``val``), images/s."""
     model_params, params, seed, runtime, classes = job.model_params, job.params, job.seed, job.runtime, job.classes
     torch.manual_seed(seed + fold)
     index = {c: i for i, c in enumerate(classes)}
@@ -320,8 +320,9 @@ def train_classifier(
     The labelled source cells of ``cells/cells.csv`` (a translation's output) train; where a translating
     recipe shares its draws (augment_share below 1), the untranslated ``crops`` (the crop stage's) are
     the cells as the source lab shows them, drawn beside the translated ones and scored out of fold.
-    The target cells of ``prepared`` serve the recipe (unlabelled ones for fda, AdaBN and self-training, the
-    labelled slice for few-shot training) and the scores that choose a method without test labels.
+    The target cells of ``prepared`` serve the recipe (unlabelled ones for fda, AdaBN and
+    self-training, the labelled slice for few-shot training) and the scores that choose a method
+    without test labels.
     The first seed's fold models (``out/fold*``) are the pipeline's; every further seed trains the
     same folds again (``out/seeds/seed<s>``) so that metrics can report the spread across seeds.
     ``state`` keeps per-epoch training states so that an interrupted run resumes.
